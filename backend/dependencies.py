@@ -1,0 +1,31 @@
+"""`Annotated` dependencies: how routes reach the collaborators that `create_app` put on `app.state`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from backend.engine.engine import Engine
+from backend.handlers.chat import ChatCompletionHandler
+from backend.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the app was built with."""
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    """The engine (model + inference thread)."""
+    return request.app.state.engine
+
+
+def get_chat_handler(request: Request) -> ChatCompletionHandler:
+    """The chat completion handler."""
+    return request.app.state.chat_handler
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(get_chat_handler)]

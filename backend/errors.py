@@ -1,0 +1,168 @@
+"""Every failure the API reports, and the one place that maps them to the OpenAI error envelope.
+
+Handlers raise an `APIError` subclass; `install_error_handlers` turns it, FastAPI's validation errors,
+Starlette's HTTP errors (unknown routes, wrong methods) and unexpected exceptions into
+`{"error": {"message", "type", "param", "code"}}` with a fitting status. A 500 means a bug in this server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """Base of every error answered to a client; subclasses fix the status and the OpenAI error type."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        """The body of the envelope, also used for error events inside a stream."""
+        return {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
+
+
+class InvalidRequestError(APIError):
+    """The request is malformed or asks for something this server cannot do (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidImageError(InvalidRequestError):
+    """An image could not be read, or is outside the allowed sizes (400)."""
+
+
+class ModelNotFoundError(APIError):
+    """The request names a model this server does not serve (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(
+            f"The model `{requested}` does not exist. This server serves `{served}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class ModelNotReadyError(APIError):
+    """The model is still loading, or failed to load (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class OutOfMemoryError(APIError):
+    """The accelerator ran out of memory on this request; the server freed its cache and goes on (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class ModelOutputError(APIError):
+    """The model produced non-finite logits (float16 overflow): the answer would be garbage (500)."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: Any = None) -> dict:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _json_error(status_code: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content=body, headers=headers)
+
+
+# Pydantic names the member of a union it tried (`str`, `list[...]`, `function-after[...]`) inside `loc`;
+# clients want the field, not our types.
+_UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+
+
+def format_location(loc: tuple[Any, ...]) -> str | None:
+    """`("body", "messages", 0, "content", "str")` -> `messages[0].content` (a validation error's `param`)."""
+    parts = [
+        part
+        for part in loc
+        if part not in ("body", "query", "path", "header")
+        and not (isinstance(part, str) and (part in _UNION_MEMBER_NAMES or "[" in part))
+    ]
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or None
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable message for the first invalid field (all the union alternatives it failed), and the field."""
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "")
+        return f"The request body is not valid JSON: {reason}".rstrip(": "), None
+    param = format_location(tuple(first.get("loc", ())))
+    if param is None:
+        return f"The request body must be a JSON object: {first.get('msg', 'invalid')}.", None
+    # A value that fits no member of a union fails once per member; the deepest failure is the telling one
+    # (`content[0]` has an unknown part type, rather than `content` is not a string).
+    related = [error for error in errors if (format_location(tuple(error.get("loc", ()))) or "").startswith(param)]
+    deepest = max(related, key=lambda error: len(format_location(tuple(error["loc"])) or ""))
+    param = format_location(tuple(deepest["loc"]))
+    if deepest.get("type") == "missing":
+        message = f"Missing required field `{param}`."
+    else:
+        message = f"Invalid value for `{param}`: {deepest.get('msg', 'invalid')}."
+    others = len(errors) - len(related)
+    if others:
+        message += f" ({others} more problem{'s' if others > 1 else ''} in the request.)"
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception class to the envelope, once, for the whole app."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _json_error(exc.status_code, {"error": exc.to_dict()})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(exc)
+        return _json_error(400, error_body(message, "invalid_request_error", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"No route for {request.method} {request.url.path}."
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(exc.detail)
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _json_error(exc.status_code, error_body(message, error_type), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _json_error(500, error_body("Internal server error.", "server_error"))

@@ -1,0 +1,1 @@
+"""Pydantic models of the HTTP API, with OpenAI's field names."""

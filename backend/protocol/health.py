@@ -1,0 +1,27 @@
+"""Model of `GET /health`: readiness and what is loaded where."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class HealthResponse(BaseModel):
+    """Readiness and details; served with 200 when ready and 503 while loading or after a failed load."""
+
+    status: Literal["loading", "ready", "error"]
+    error: str | None = None
+    model_id: str
+    revision: str | None = None
+    resolved_revision: str | None = None
+    served_model_name: str
+    accepts_images: bool | None = None
+    dtype: str | None = None
+    device: str | None = None
+    device_map: dict[str, Any] | str | None = None
+    parameters: int | None = None
+    max_model_len: int | None = None
+    memory: dict[str, Any]
+    load_seconds: float | None = None
+    uptime_seconds: float

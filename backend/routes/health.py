@@ -1,0 +1,52 @@
+"""`GET /health` (readiness with details) and `GET /ping` (RunPod's load-balancer convention)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from backend.dependencies import EngineDep
+from backend.engine.devices import memory_report
+from backend.errors import error_body
+from backend.protocol.health import HealthResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(engine: EngineDep) -> JSONResponse:
+    """Readiness and details of the loaded model: 200 when ready, 503 while loading or after a failed load."""
+    settings = engine.settings
+    body = HealthResponse(
+        status=engine.state,
+        error=engine.error,
+        model_id=settings.model_id,
+        revision=settings.model_revision,
+        served_model_name=settings.model_name,
+        memory=memory_report(),
+        uptime_seconds=round(time.time() - engine.started_at, 3),
+    )
+    if (loaded := engine.loaded) is not None:
+        body.resolved_revision = loaded.resolved_revision
+        body.accepts_images = loaded.accepts_images
+        body.dtype = str(loaded.dtype).removeprefix("torch.")
+        body.device = str(loaded.device)
+        body.device_map = loaded.device_map
+        body.parameters = loaded.parameter_count
+        body.max_model_len = loaded.max_model_len
+        body.load_seconds = round(loaded.load_seconds, 3)
+    status = 200 if engine.state == "ready" else 503
+    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+@router.get("/ping", status_code=200, responses={204: {"description": "still loading"}, 503: {}})
+async def ping(engine: EngineDep) -> Response:
+    """200 when ready, 204 while the model loads, 503 when loading failed."""
+    if engine.state == "ready":
+        return JSONResponse({"status": "healthy"})
+    if engine.state == "loading":
+        return Response(status_code=204)
+    body = error_body(f"The model failed to load: {engine.error}", "service_unavailable", code="model_load_failed")
+    return JSONResponse(body, status_code=503)

@@ -1,0 +1,38 @@
+"""`GET /v1/models` and `GET /v1/models/{model}`: the one served model, in OpenAI's format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from backend.dependencies import EngineDep
+from backend.errors import ModelNotFoundError
+from backend.protocol.common import ErrorResponse
+from backend.protocol.models import ModelCard, ModelList
+
+router = APIRouter(tags=["models"])
+
+
+def _card(engine: EngineDep) -> ModelCard:
+    settings = engine.settings
+    loaded = engine.loaded
+    return ModelCard(
+        id=settings.model_name,
+        created=int(engine.started_at),
+        owned_by="shizhengpt-server",
+        root=settings.model_id,
+        max_model_len=loaded.max_model_len if loaded is not None else None,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(engine: EngineDep) -> ModelList:
+    """The served model (its `id` is what clients put in `model`)."""
+    return ModelList(data=[_card(engine)])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def retrieve_model(model: str, engine: EngineDep) -> ModelCard:
+    """One model by name: the served name or MODEL_ID."""
+    if model not in (engine.settings.model_name, engine.settings.model_id):
+        raise ModelNotFoundError(model, engine.settings.model_name)
+    return _card(engine)

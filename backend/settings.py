@@ -1,0 +1,116 @@
+"""Server configuration: one pydantic-settings class read from the environment and `.env`.
+
+Every setting is listed and explained in `.env.example`. Names are case-insensitive environment variables
+(`MODEL_ID`, `MAX_GPU_MEMORY`, ...). A bad value stops start-up with a message naming the variable
+(see `describe_settings_error`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "FreedomIntelligence/ShizhenGPT-32B-VL"
+
+# "75GiB", "80GB", "512MiB", "1.5TB": what accelerate's `max_memory` accepts.
+_MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+class Settings(BaseSettings):
+    """Everything the operator can set. Defaults suit ShizhenGPT-32B-VL on one A100 80 GB."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # --- model ---
+    model_id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hugging Face repo id or local directory")
+    model_revision: str | None = Field(None, description="branch, tag or commit of MODEL_ID; empty = main")
+    served_model_name: str | None = Field(None, description="name clients use in `model`; empty = MODEL_ID")
+    hf_home: Path | None = Field(None, description="Hugging Face cache root (RunPod: /workspace/models)")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    device_map: str = Field("auto", min_length=1, description="accelerate device map: auto, cuda:0, cpu, ...")
+    max_gpu_memory: str = Field("75GiB", description="memory cap per GPU for the weights (accelerate max_memory)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_model_len: int | None = Field(None, gt=0, description="context length; empty = the model's own")
+
+    # --- server ---
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- generation ---
+    default_max_tokens: int = Field(1024, gt=0)
+    max_tokens_limit: int = Field(8192, gt=0)
+    max_n: int = Field(4, ge=1, le=16, description="largest `n` (choices per request) accepted")
+    system_prompt: str = Field("", description="system message added when a request has none; empty = template's")
+
+    # --- images ---
+    min_pixels: int = Field(56 * 56, gt=0, description="lower bound of an image's area after resizing")
+    max_pixels: int = Field(360 * 420, gt=0, description="upper bound of an image's area after resizing")
+
+    @field_validator("model_revision", "served_model_name", "hf_home", "max_model_len", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """An empty variable (`MODEL_REVISION=`) means 'not set', as in `.env.example`."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        """`CORS_ORIGINS` is a comma-separated list (`*` for any origin, empty for none)."""
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("max_gpu_memory")
+    @classmethod
+    def _check_memory_size(cls, value: str) -> str:
+        """A size accelerate understands, e.g. `75GiB`."""
+        value = value.strip()
+        if not _MEMORY_SIZE.match(value):
+            raise ValueError("must be a size such as 75GiB or 80GB")
+        return value.replace(" ", "")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        """Cross-field rules."""
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("DEFAULT_MAX_TOKENS must not exceed MAX_TOKENS_LIMIT")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("MIN_PIXELS must not exceed MAX_PIXELS")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name clients see in `/v1/models` and in responses."""
+        return self.served_model_name or self.model_id
+
+    @property
+    def hub_cache_dir(self) -> Path | None:
+        """Where Hugging Face hub downloads live: `$HF_HOME/hub`, as huggingface_hub lays it out."""
+        return self.hf_home / "hub" if self.hf_home is not None else None
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """Turn a settings validation error into lines that name each bad environment variable."""
+    lines = ["Invalid configuration:"]
+    for item in error.errors():
+        name = "_".join(str(part) for part in item["loc"]).upper() or "settings"
+        given = item.get("input")
+        shown = f" (got {given!r})" if isinstance(given, str | int | float) else ""
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {name}: {message}{shown}")
+    lines.append("Fix the variable in the environment or in .env (every setting is explained in .env.example).")
+    return "\n".join(lines)
