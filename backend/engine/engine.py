@@ -89,6 +89,7 @@ class Engine:
         self.loaded: LoadedModel | None = None
         self._prompt_builder: PromptBuilder | None = None
         self._load_task: asyncio.Future | None = None
+        self._pending: set[GenerationJob] = set()  # queued or running, so shutdown can stop them
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -149,11 +150,15 @@ class Engine:
                 pass
 
         job = GenerationJob(request_id, inputs, params, emit)
-        self._executor.submit(run_generation, loaded, job)
+        self._pending.add(job)
+        future = self._executor.submit(run_generation, loaded, job)
+        future.add_done_callback(lambda _: self._pending.discard(job))
         return GenerationStream(job, queue)
 
     async def shutdown(self) -> None:
-        """Let the running job end, drop queued ones, and stop the thread."""
+        """Stop every queued or running generation at its next step (each ends with `abort`), then the thread."""
+        for job in list(self._pending):
+            job.cancelled.set()
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
+            None, lambda: self._executor.shutdown(wait=True)
         )

@@ -54,7 +54,7 @@ class Failed:
 GenerationEvent = TextDelta | Finished | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the engine keeps a set of pending jobs
 class GenerationJob:
     """One sequence to generate, as handed to the inference thread."""
 

@@ -1,5 +1,7 @@
 """`POST /v1/chat/completions` over ASGI: exact token counts, finish reasons, sampling, and error bodies."""
 
+import asyncio
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -210,3 +212,17 @@ async def test_unknown_route_and_wrong_method_use_the_envelope(client):
     error_of(response, response.json(), 404)
     response = await client.get(URL)
     error_of(response, response.json(), 405)
+
+
+async def test_the_event_loop_answers_while_the_model_generates(client):
+    long_answer = asyncio.ensure_future(post(client, chat("你好", max_tokens=3000)))
+    while not long_answer.done():
+        health = await client.get("/health")
+        if health.json().get("status") == "ready":
+            break
+    assert health.status_code == 200
+    assert not long_answer.done()  # /health came back while the generation was still running
+    response, body = await long_answer
+    tokens = body["usage"]["completion_tokens"]
+    assert response.status_code == 200 and tokens > 100  # (the random model may end with its EOS token)
+    assert body["choices"][0]["finish_reason"] == ("length" if tokens == 3000 else "stop")
