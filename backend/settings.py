@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stream_keepalive_seconds: float = Field(15.0, gt=0, le=90, description="SSE comment interval while waiting")
 
     # --- generation ---
     default_max_tokens: int = Field(1024, gt=0)

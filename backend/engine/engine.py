@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from anyio import to_thread
@@ -38,6 +38,13 @@ class GenerationResult:
     finish: Finished
 
 
+class KeepAlive:
+    """Yielded by `GenerationStream.events` when nothing happened for a keep-alive interval."""
+
+
+KEEPALIVE = KeepAlive()
+
+
 class GenerationStream:
     """The events of one generation, read on the event loop; `cancel()` stops it at the next step."""
 
@@ -55,11 +62,20 @@ class GenerationStream:
         """Ask the inference thread to stop this generation (before it starts, or at the next token)."""
         self._job.cancelled.set()
 
-    async def __aiter__(self) -> AsyncIterator[TextDelta]:
-        """Yield text deltas until the end; a failure is raised here. Leaving early cancels the generation."""
+    async def events(self, keepalive_seconds: float | None = None) -> AsyncIterator[TextDelta | KeepAlive]:
+        """Yield text deltas until the end (then `finished` is set); a failure is raised here.
+
+        With `keepalive_seconds`, KEEPALIVE is yielded whenever that long passes without an event (the
+        request waits in the queue, or a long prefill runs). Leaving the loop early cancels the generation.
+        """
         try:
             while self.finished is None:
-                event = await self._queue.get()
+                try:
+                    # Cancelling a Queue.get loses no item, so waiting with a timeout is safe.
+                    event = await asyncio.wait_for(self._queue.get(), keepalive_seconds)
+                except TimeoutError:
+                    yield KEEPALIVE
+                    continue
                 if isinstance(event, Failed):
                     raise event.error
                 if isinstance(event, Finished):
@@ -72,9 +88,29 @@ class GenerationStream:
 
     async def collect(self) -> GenerationResult:
         """Wait for the whole answer."""
-        pieces = [delta.text async for delta in self]
+        pieces = [event.text async for event in self.events() if isinstance(event, TextDelta)]
         assert self.finished is not None
         return GenerationResult("".join(pieces), self.finished)
+
+
+@dataclass
+class EngineStats:
+    """Counters of finished generations, by finish reason (the proof that aborted ones really stopped)."""
+
+    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
+    failed: int = 0
+    generated_tokens: int = 0
+    last_aborted_tokens: int | None = None  # tokens the most recently aborted generation had produced
+
+    def record(self, event: GenerationEvent) -> None:
+        """Count a final event (called on the inference thread; readers only read)."""
+        if isinstance(event, Failed):
+            self.failed += 1
+        elif isinstance(event, Finished):
+            self.finished[event.finish_reason] = self.finished.get(event.finish_reason, 0) + 1
+            self.generated_tokens += event.completion_tokens
+            if event.finish_reason == "abort":
+                self.last_aborted_tokens = event.completion_tokens
 
 
 class Engine:
@@ -90,6 +126,7 @@ class Engine:
         self._prompt_builder: PromptBuilder | None = None
         self._load_task: asyncio.Future | None = None
         self._pending: set[GenerationJob] = set()  # queued or running, so shutdown can stop them
+        self.stats = EngineStats()
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -144,6 +181,8 @@ class Engine:
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
         def emit(event: GenerationEvent) -> None:
+            if not isinstance(event, TextDelta):
+                self.stats.record(event)
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
             except RuntimeError:  # the event loop is closed: the server is shutting down

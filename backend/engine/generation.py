@@ -159,7 +159,7 @@ def _decode(loaded: LoadedModel, job: GenerationJob) -> tuple[str, int, float | 
             token = choose_token(logits, prompt_ids, history, params, generator)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
-            if token in loaded.eos_token_ids:
+            if token in loaded.eos_token_ids and not params.ignore_eos:
                 finish_reason = "stop"
                 break
             output_ids.append(token)

@@ -26,6 +26,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_new_tokens (benchmarks, tests)
 
     @property
     def greedy(self) -> bool:

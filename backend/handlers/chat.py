@@ -6,17 +6,29 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from anyio import to_thread
 
-from backend.engine.engine import Engine, GenerationResult
+from backend.engine.engine import KEEPALIVE, Engine, GenerationResult, GenerationStream
+from backend.engine.generation import Finished
 from backend.engine.loader import GenerationDefaults
 from backend.engine.prompt import ChatTurn, ModelInputs
 from backend.engine.sampling import SamplingParams
 from backend.errors import InvalidRequestError, ModelNotFoundError
 from backend.media import load_image_url
-from backend.protocol.chat import AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice
+from backend.handlers.streaming import DONE_EVENT, KEEPALIVE_COMMENT, error_event, sse_event
+from backend.protocol.chat import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+)
 from backend.protocol.common import Usage
 from backend.settings import Settings
 
@@ -100,6 +112,7 @@ def resolve_sampling(
         frequency_penalty=float(request.frequency_penalty or 0.0),
         stop=request.stop_strings,
         seed=seed,
+        ignore_eos=request.ignore_eos,
     )
 
 
@@ -135,22 +148,23 @@ class ChatCompletionHandler:
         ]
         return PreparedChat(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), inputs, choices)
 
-    async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        """Generate every choice and answer with the whole message(s)."""
-        prepared = await self.prepare(request)
-        streams = [
+    def _start(self, prepared: PreparedChat) -> list[GenerationStream]:
+        """Queue one generation per choice."""
+        return [
             self._engine.generate(f"{prepared.request_id}-{index}", prepared.inputs, params)
             for index, params in enumerate(prepared.choices)
         ]
-        tasks = [asyncio.ensure_future(stream.collect()) for stream in streams]
+
+    async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
+        """Generate every choice and answer with the whole message(s)."""
+        tasks = [asyncio.ensure_future(stream.collect()) for stream in self._start(prepared)]
         try:
             results: list[GenerationResult] = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:  # one choice failed or the client left: stop the others too
                 task.cancel()
             raise
-        completion_tokens = sum(result.finish.completion_tokens for result in results)
-        self._log(prepared, results)
+        self._log(prepared, [result.finish for result in results])
         return ChatCompletionResponse(
             id=prepared.request_id,
             created=prepared.created,
@@ -159,18 +173,61 @@ class ChatCompletionHandler:
                 Choice(
                     index=index,
                     message=AssistantMessage(content=result.text),
-                    finish_reason="length" if result.finish.finish_reason == "length" else "stop",
+                    finish_reason=_api_finish_reason(result.finish),
                 )
                 for index, result in enumerate(results)
             ],
-            usage=Usage.of(prepared.inputs.prompt_tokens, completion_tokens),
+            usage=Usage.of(prepared.inputs.prompt_tokens, sum(r.finish.completion_tokens for r in results)),
         )
 
+    async def stream(self, prepared: PreparedChat, include_usage: bool) -> AsyncIterator[str]:
+        """The answer as SSE: per choice a role chunk, content chunks, a chunk with `finish_reason`; then the
+        usage chunk if asked for, and `[DONE]`. Keep-alive comments fill every quiet interval."""
+        streams = self._start(prepared)
+        keepalive = self._settings.stream_keepalive_seconds
+        finishes: list[Finished] = []
+        try:
+            for index, stream in enumerate(streams):
+                yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content="")))
+                async for event in stream.events(keepalive):
+                    if event is KEEPALIVE:
+                        yield KEEPALIVE_COMMENT
+                    elif event.text:
+                        yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(content=event.text)))
+                finishes.append(stream.finished)
+                reason = _api_finish_reason(stream.finished)
+                yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason))
+            if include_usage:
+                completion_tokens = sum(finish.completion_tokens for finish in finishes)
+                usage = Usage.of(prepared.inputs.prompt_tokens, completion_tokens)
+                yield self._chunk(prepared, usage=usage)
+            self._log(prepared, finishes)
+        except Exception as exc:  # after the first byte, errors can only travel as an event
+            yield error_event(exc)
+        finally:
+            for stream in streams:  # the client left, or a choice failed: stop whatever still runs
+                stream.cancel()
+        yield DONE_EVENT
+
+    def _chunk(self, prepared: PreparedChat, choice: ChunkChoice | None = None, usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=prepared.request_id,
+            created=prepared.created,
+            model=self._settings.model_name,
+            choices=[choice] if choice is not None else [],
+            usage=usage,
+        )
+        return sse_event(chunk.model_dump(exclude_none=True))
+
     @staticmethod
-    def _log(prepared: PreparedChat, results: list[GenerationResult]) -> None:
-        for index, result in enumerate(results):
-            finish = result.finish
-            ttft = f"{finish.time_to_first_token * 1000:.0f}" if finish.time_to_first_token is not None else "-"
+    def _log(prepared: PreparedChat, finishes: list[Finished]) -> None:
+        """One line per choice, with the time to first token counted from when the request was queued."""
+        for index, finish in enumerate(finishes):
+            ttft = (
+                f"{(finish.queue_seconds + finish.time_to_first_token) * 1000:.0f}"
+                if finish.time_to_first_token is not None
+                else "-"
+            )
             logger.info(
                 "request %s choice %d: %d prompt + %d completion tokens, %d images, finish=%s, "
                 "queue %.0f ms, ttft %s ms, generation %.0f ms",
@@ -184,3 +241,8 @@ class ChatCompletionHandler:
                 ttft,
                 finish.generation_seconds * 1000,
             )
+
+
+def _api_finish_reason(finish: Finished) -> str:
+    """`length` when max_tokens cut the answer; `stop` for an end token or a stop string."""
+    return "length" if finish.finish_reason == "length" else "stop"

@@ -92,6 +92,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
     n: StrictInt = Field(1, ge=1)
+    ignore_eos: StrictBool = Field(False, description="vLLM extension: generate max_tokens even past the end token")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = None
@@ -164,3 +165,30 @@ class ChatCompletionResponse(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChunkDelta(BaseModel):
+    """What a streamed chunk adds: the role (first chunk), then content pieces; empty on the last chunk."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    """One choice's part of a streamed chunk."""
+
+    index: int
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed answer (`object: chat.completion.chunk`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None

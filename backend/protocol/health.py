@@ -25,3 +25,4 @@ class HealthResponse(BaseModel):
     memory: dict[str, Any]
     load_seconds: float | None = None
     uptime_seconds: float
+    generation: dict[str, Any] | None = None  # counters: finished by reason, failed, generated tokens

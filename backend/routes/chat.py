@@ -1,22 +1,37 @@
-"""`POST /v1/chat/completions`: OpenAI-compatible chat with text and images."""
+"""`POST /v1/chat/completions`: OpenAI-compatible chat with text and images, streamed or not."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 
 from backend.dependencies import ChatHandlerDep
-from backend.errors import InvalidRequestError
+from backend.handlers.streaming import ClientDisconnected, sse_response, unless_disconnected
 from backend.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from backend.protocol.common import ErrorResponse
 
 router = APIRouter(tags=["chat"])
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "SSE chunks when stream=true"}}
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
-async def create_chat_completion(request: ChatCompletionRequest, handler: ChatHandlerDep) -> ChatCompletionResponse:
-    """Answer a conversation (text, and images as `image_url` parts)."""
-    if request.stream:
-        raise InvalidRequestError("Streaming is not available on this server yet; send stream=false.", param="stream")
-    return await handler.complete(request)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=ERROR_RESPONSES | STREAM_RESPONSE,
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, handler: ChatHandlerDep
+) -> ChatCompletionResponse | StreamingResponse | Response:
+    """Answer a conversation (text, and images as `image_url` parts); `stream: true` answers with SSE."""
+    # Input is checked and images decoded before the response starts, so bad input is a 4xx, not an
+    # error event; from then on a stream sends its headers and first chunk at once.
+    prepared = await unless_disconnected(request, handler.prepare(body))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(handler.stream(prepared, include_usage))
+    try:
+        return await unless_disconnected(request, handler.complete(prepared))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the generation was cancelled

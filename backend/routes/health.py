@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -27,6 +28,7 @@ async def health(engine: EngineDep) -> JSONResponse:
         served_model_name=settings.model_name,
         memory=memory_report(),
         uptime_seconds=round(time.time() - engine.started_at, 3),
+        generation=asdict(engine.stats),
     )
     if (loaded := engine.loaded) is not None:
         body.resolved_revision = loaded.resolved_revision

@@ -44,7 +44,7 @@ async def test_leaving_a_stream_early_cancels_its_generation(tiny_vl_dir):
     try:
         inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
         stream = engine.generate("r", inputs, SamplingParams(max_new_tokens=5000, temperature=0))
-        async for delta in stream:
+        async for delta in stream.events():
             if delta.completion_tokens >= 2:
                 break
         follow_up = engine.generate("next", inputs, SamplingParams(max_new_tokens=2, temperature=0))

@@ -10,6 +10,7 @@ from backend.engine.prompt import ChatTurn, PixelBounds, PromptBuilder
 from backend.engine.sampling import SamplingParams
 from backend.errors import InvalidRequestError, ModelOutputError, OutOfMemoryError
 from tests.conftest import make_settings
+from tests.helpers import LmHeadHook
 
 BOUNDS = PixelBounds(56 * 56, 360 * 420)
 
@@ -158,26 +159,9 @@ def test_cancel_during_generation_stops_at_the_next_token(vl):
     assert events[-1].completion_tokens == 3
 
 
-class _Inject:
-    """A forward hook on the language model head that corrupts or breaks one call."""
-
-    def __init__(self, loaded, action):
-        self.handle = loaded.model.lm_head.register_forward_hook(self)
-        self.action = action
-
-    def __call__(self, module, args, output):
-        return self.action(output)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def test_non_finite_logits_end_the_request_with_a_clear_error(vl):
     inputs = builder(vl).build(CONVERSATIONS["text"], BOUNDS)
-    with _Inject(vl, lambda output: torch.full_like(output, float("nan"))):
+    with LmHeadHook(vl.model, lambda call, output: torch.full_like(output, float("nan"))):
         events, _ = run(vl, inputs)
     assert isinstance(events[-1], Failed)
     assert isinstance(events[-1].error, ModelOutputError)
@@ -188,10 +172,10 @@ def test_non_finite_logits_end_the_request_with_a_clear_error(vl):
 def test_out_of_memory_fails_only_that_request(vl):
     inputs = builder(vl).build(CONVERSATIONS["text"], BOUNDS)
 
-    def oom(_):
+    def oom(call, output):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with _Inject(vl, oom):
+    with LmHeadHook(vl.model, oom):
         events, _ = run(vl, inputs)
     assert isinstance(events[-1].error, OutOfMemoryError)
     assert events[-1].error.status_code == 503

@@ -1,0 +1,76 @@
+"""Server-Sent Events and client-disconnect handling, shared by every route that streams or generates.
+
+SSE framing follows OpenAI: one `data: <json>` event per chunk, `: keep-alive` comments while waiting (so a
+proxy such as RunPod's, which cuts a request after 100 s without a byte, keeps the connection), an error event
+if something breaks after the stream started, and `data: [DONE]` always last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from backend.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEEPALIVE_COMMENT = ": keep-alive\n\n"
+DONE_EVENT = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(payload: Any) -> str:
+    """One `data:` event; Chinese stays as UTF-8 rather than \\u escapes."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def error_event(exc: BaseException) -> str:
+    """The event that reports a failure after the stream started. Unexpected errors are logged, not leaked."""
+    if isinstance(exc, APIError):
+        return sse_event({"error": exc.to_dict()})
+    logger.error("error inside a stream", exc_info=exc)
+    return sse_event({"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": None}})
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """A streaming response of SSE text. Starlette cancels `events` when the client disconnects."""
+    return StreamingResponse(events, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready; the generation was cancelled."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return once the client has closed the connection (the body was already read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it if the client disconnects first (then raise ClientDisconnected).
+
+    Cancelling the work cancels its generation streams, so an abandoned non-streaming request stops at its
+    next decode step instead of running to max_tokens.
+    """
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work_task.done():
+            work_task.cancel()
+        watcher.cancel()
+    if work_task.cancelled():
+        raise ClientDisconnected()
+    return work_task.result()
