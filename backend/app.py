@@ -17,7 +17,9 @@ from fastapi.responses import RedirectResponse
 from backend.engine.engine import Engine
 from backend.errors import install_error_handlers
 from backend.handlers.chat import ChatCompletionHandler
-from backend.routes import chat, health, models
+from backend.handlers.vision import VisionHandler
+from backend.media import ImageIntake
+from backend.routes import chat, health, models, vision
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.chat_handler = ChatCompletionHandler(engine, settings)
+    intake = ImageIntake(settings)
+    app.state.chat_handler = ChatCompletionHandler(engine, settings, intake)
+    app.state.vision_handler = VisionHandler(engine, settings, intake, app.state.chat_handler)
 
     if settings.cors_origins:
         app.add_middleware(
@@ -57,6 +61,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(vision.router)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from backend.engine.engine import Engine
 from backend.handlers.chat import ChatCompletionHandler
+from backend.handlers.vision import VisionHandler
 from backend.settings import Settings
 
 
@@ -26,6 +27,12 @@ def get_chat_handler(request: Request) -> ChatCompletionHandler:
     return request.app.state.chat_handler
 
 
+def get_vision_handler(request: Request) -> VisionHandler:
+    """The /v1/vision/analyze handler."""
+    return request.app.state.vision_handler
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(get_chat_handler)]
+VisionHandlerDep = Annotated[VisionHandler, Depends(get_vision_handler)]

@@ -46,6 +46,36 @@ class InvalidImageError(InvalidRequestError):
     """An image could not be read, or is outside the allowed sizes (400)."""
 
 
+class ImageTooLargeError(APIError):
+    """An image is over a byte or pixel limit (413)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, code="image_too_large")
+
+
+class RequestTooLargeError(APIError):
+    """The request body is over MAX_REQUEST_BYTES (413)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The request body is larger than the limit of {limit} bytes (MAX_REQUEST_BYTES).",
+            code="request_too_large",
+        )
+
+
+class UnsupportedMediaTypeError(APIError):
+    """The body is neither JSON nor a multipart form (415)."""
+
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
 class ModelNotFoundError(APIError):
     """The request names a model this server does not serve (404)."""
 

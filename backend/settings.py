@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest request body (413 above)")
     stream_keepalive_seconds: float = Field(15.0, gt=0, le=90, description="SSE comment interval while waiting")
 
     # --- generation ---
@@ -58,6 +59,18 @@ class Settings(BaseSettings):
     # --- images ---
     min_pixels: int = Field(56 * 56, gt=0, description="lower bound of an image's area after resizing")
     max_pixels: int = Field(360 * 420, gt=0, description="upper bound of an image's area after resizing")
+    max_image_bytes: int = Field(20 * 2**20, gt=0, description="largest encoded image (413 above)")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="largest decoded image area, checked before decoding")
+    max_images_per_request: int = Field(8, ge=1)
+    image_url_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_url_allow_private_networks: bool = False
+    image_url_timeout_seconds: float = Field(10.0, gt=0, le=120)
+
+    # --- answers ---
+    medical_disclaimer: str = Field(
+        "提示：以上内容由AI生成，仅供参考，不能替代执业医师的诊断与治疗。(AI-generated; not a medical diagnosis.)",
+        description="line appended to /v1/vision/analyze answers; empty = none",
+    )
 
     @field_validator("model_revision", "served_model_name", "hf_home", "max_model_len", mode="before")
     @classmethod
@@ -67,13 +80,22 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "image_url_allowed_domains", mode="before")
     @classmethod
-    def _split_origins(cls, value):
-        """`CORS_ORIGINS` is a comma-separated list (`*` for any origin, empty for none)."""
+    def _split_list(cls, value):
+        """Lists are comma-separated (`CORS_ORIGINS=*`, `IMAGE_URL_ALLOWED_DOMAINS=a.com,b.org`)."""
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("image_url_allowed_domains")
+    @classmethod
+    def _normalise_domains(cls, value: list[str]) -> list[str]:
+        """Host names only, lower case: `https://Example.com/` is a mistake worth refusing."""
+        for domain in value:
+            if "/" in domain or ":" in domain or " " in domain:
+                raise ValueError(f"{domain!r} is not a bare domain name such as images.example.com")
+        return [domain.lower().lstrip(".").rstrip(".") for domain in value]
 
     @field_validator("max_gpu_memory")
     @classmethod

@@ -20,7 +20,8 @@ from anyio import to_thread
 
 from backend.engine.generation import Failed, Finished, GenerationEvent, GenerationJob, TextDelta, run_generation
 from backend.engine.loader import LoadedModel, load_model
-from backend.engine.prompt import ChatTurn, ModelInputs, PixelBounds, PromptBuilder
+from backend.engine.prompt import ChatTurn, ModelInputs, PromptBuilder
+from backend.media.resize import PixelBounds
 from backend.engine.sampling import SamplingParams
 from backend.errors import ModelNotReadyError
 from backend.settings import Settings

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from backend.errors import InvalidImageError, InvalidRequestError
+from backend.media.resize import PixelBounds, resize_for_model
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 # Tokens that only the server may place: a user typing them would desynchronise images and placeholders.
@@ -47,14 +48,6 @@ class ModelInputs:
     def prompt_tokens(self) -> int:
         """Tokens in the prompt, image tokens included."""
         return int(self.input_ids.shape[-1])
-
-
-@dataclass(frozen=True)
-class PixelBounds:
-    """Area bounds an image is resized into (multiples of 28 per side, Qwen2.5-VL's `smart_resize`)."""
-
-    min_pixels: int
-    max_pixels: int
 
 
 class PromptBuilder:
@@ -137,12 +130,12 @@ class PromptBuilder:
     def _process_images(
         self, images: list[Image.Image], sources: list[str], bounds: PixelBounds
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resize and patch every image (pixel values and patch grids); a failure names its image."""
-        size = {"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels}
+        """Resize (Qwen2.5-VL's rule, see media/resize.py) and patch every image; a failure names its image."""
         pixel_values, grids = [], []
         for image, source in zip(images, sources):
+            resized = resize_for_model(image, bounds, source)
             try:
-                processed = self._image_processor(images=[image], size=size, return_tensors="pt")
+                processed = self._image_processor(images=[resized], do_resize=False, return_tensors="pt")
             except ValueError as exc:
                 raise InvalidImageError(
                     f"The image at {source} ({image.width}x{image.height}) cannot be used: {exc}",

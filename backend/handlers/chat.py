@@ -9,15 +9,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from anyio import to_thread
-
 from backend.engine.engine import KEEPALIVE, Engine, GenerationResult, GenerationStream
 from backend.engine.generation import Finished
 from backend.engine.loader import GenerationDefaults
 from backend.engine.prompt import ChatTurn, ModelInputs
 from backend.engine.sampling import SamplingParams
+from backend.media.resize import PixelBounds
 from backend.errors import InvalidRequestError, ModelNotFoundError
-from backend.media import load_image_url
+from backend.media import DecodedImage, ImageInput, ImageIntake
 from backend.handlers.streaming import DONE_EVENT, KEEPALIVE_COMMENT, error_event, sse_event
 from backend.protocol.chat import (
     AssistantMessage,
@@ -26,6 +25,7 @@ from backend.protocol.chat import (
     ChatCompletionResponse,
     ChatMessage,
     Choice,
+    GenerationOptions,
     ChunkChoice,
     ChunkDelta,
 )
@@ -41,8 +41,27 @@ def check_model_name(requested: str | None, settings: Settings) -> None:
         raise ModelNotFoundError(requested, settings.model_name)
 
 
-def messages_to_turns(messages: list[ChatMessage]) -> list[ChatTurn]:
-    """OpenAI messages -> engine turns, decoding every image (CPU work: call it off the event loop)."""
+def collect_images(messages: list[ChatMessage]) -> list[ImageInput]:
+    """Every image part, in order, with where it sits; images are allowed in user messages only."""
+    images = []
+    for index, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for part_index, part in enumerate(message.content):
+                if part.type != "image_url":
+                    continue
+                source = f"messages[{index}].content[{part_index}]"
+                if message.role != "user":
+                    raise InvalidRequestError(
+                        f"Images are only allowed in user messages; {source} is in a {message.role} message.",
+                        param=source,
+                    )
+                images.append(ImageInput(source, url=part.image_url.url))
+    return images
+
+
+def messages_to_turns(messages: list[ChatMessage], images: list[DecodedImage]) -> list[ChatTurn]:
+    """OpenAI messages -> engine turns, with the decoded images in place of the image parts."""
+    decoded = iter(images)
     turns = []
     for index, message in enumerate(messages):
         source = f"messages[{index}]"
@@ -52,18 +71,13 @@ def messages_to_turns(messages: list[ChatMessage]) -> list[ChatTurn]:
             continue
         parts: list = []
         image_sources: list[str] = []
-        for part_index, part in enumerate(message.content):
+        for part in message.content:
             if part.type == "text":
                 parts.append(part.text)
-                continue
-            image_source = f"{source}.content[{part_index}]"
-            if role != "user":
-                raise InvalidRequestError(
-                    f"Images are only allowed in user messages; {image_source} is in a {message.role} message.",
-                    param=image_source,
-                )
-            parts.append(load_image_url(part.image_url.url, image_source))
-            image_sources.append(image_source)
+            else:
+                image = next(decoded)
+                parts.append(image.image)
+                image_sources.append(image.source)
         turns.append(ChatTurn(role, parts, source=source, image_sources=image_sources))
     return turns
 
@@ -91,7 +105,7 @@ def resolve_max_new_tokens(requested: int | None, prompt_tokens: int, max_model_
 
 
 def resolve_sampling(
-    request: ChatCompletionRequest, defaults: GenerationDefaults, max_new_tokens: int, choice_index: int = 0
+    request: GenerationOptions, defaults: GenerationDefaults, max_new_tokens: int, choice_index: int = 0
 ) -> SamplingParams:
     """Sampling for one choice: the request's values, else the checkpoint's generation config, else OpenAI's
     defaults. Choice i of a seeded request uses seed + i, so the n answers differ yet are reproducible."""
@@ -124,29 +138,57 @@ class PreparedChat:
     created: int
     inputs: ModelInputs
     choices: list[SamplingParams]
+    images: list[DecodedImage]
+    preprocessing_seconds: float
 
 
 class ChatCompletionHandler:
     """Serves `/v1/chat/completions` on top of the engine."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, intake: ImageIntake) -> None:
         self._engine = engine
         self._settings = settings
+        self._intake = intake
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Validate against the model, decode images, tokenise, and fix each choice's sampling."""
+        """Validate against the model, load images, tokenise, and fix each choice's sampling."""
         check_model_name(request.model, self._settings)
         request.check_supported(self._settings.max_n)
         loaded = self._engine.require_ready()
-        turns = await to_thread.run_sync(messages_to_turns, request.messages)
-        inputs = await self._engine.build_inputs(turns)
+        started = time.perf_counter()
+        images = await self._intake.load(collect_images(request.messages))
+        return await self.prepare_turns(
+            request, messages_to_turns(request.messages, images), images, started, "chatcmpl"
+        )
+
+    async def prepare_turns(
+        self,
+        request: GenerationOptions,
+        turns: list[ChatTurn],
+        images: list[DecodedImage],
+        started: float,
+        id_prefix: str,
+    ) -> PreparedChat:
+        """Tokenise a conversation (images resized within the request's bounds) and fix the sampling."""
+        loaded = self._engine.require_ready()
+        bounds = PixelBounds(self._settings.min_pixels, self._settings.max_pixels).narrowed(
+            request.min_pixels, request.max_pixels
+        )
+        inputs = await self._engine.build_inputs(turns, bounds)
         max_new = resolve_max_new_tokens(
             request.requested_max_tokens, inputs.prompt_tokens, loaded.max_model_len, self._settings
         )
         choices = [
             resolve_sampling(request, loaded.generation_defaults, max_new, index) for index in range(request.n)
         ]
-        return PreparedChat(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), inputs, choices)
+        return PreparedChat(
+            request_id=f"{id_prefix}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            inputs=inputs,
+            choices=choices,
+            images=images,
+            preprocessing_seconds=time.perf_counter() - started,
+        )
 
     def _start(self, prepared: PreparedChat) -> list[GenerationStream]:
         """Queue one generation per choice."""
@@ -155,8 +197,8 @@ class ChatCompletionHandler:
             for index, params in enumerate(prepared.choices)
         ]
 
-    async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
-        """Generate every choice and answer with the whole message(s)."""
+    async def generate_all(self, prepared: PreparedChat) -> list[GenerationResult]:
+        """Generate every choice to the end (logged); a failure or cancellation stops them all."""
         tasks = [asyncio.ensure_future(stream.collect()) for stream in self._start(prepared)]
         try:
             results: list[GenerationResult] = await asyncio.gather(*tasks)
@@ -165,6 +207,11 @@ class ChatCompletionHandler:
                 task.cancel()
             raise
         self._log(prepared, [result.finish for result in results])
+        return results
+
+    async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
+        """Generate every choice and answer with the whole message(s)."""
+        results = await self.generate_all(prepared)
         return ChatCompletionResponse(
             id=prepared.request_id,
             created=prepared.created,
@@ -180,9 +227,9 @@ class ChatCompletionHandler:
             usage=Usage.of(prepared.inputs.prompt_tokens, sum(r.finish.completion_tokens for r in results)),
         )
 
-    async def stream(self, prepared: PreparedChat, include_usage: bool) -> AsyncIterator[str]:
-        """The answer as SSE: per choice a role chunk, content chunks, a chunk with `finish_reason`; then the
-        usage chunk if asked for, and `[DONE]`. Keep-alive comments fill every quiet interval."""
+    async def stream(self, prepared: PreparedChat, include_usage: bool, suffix: str = "") -> AsyncIterator[str]:
+        """The answer as SSE: per choice a role chunk, content chunks (then `suffix`, if any), a chunk with
+        `finish_reason`; then the usage chunk if asked for, and `[DONE]`. Keep-alives fill quiet intervals."""
         streams = self._start(prepared)
         keepalive = self._settings.stream_keepalive_seconds
         finishes: list[Finished] = []
@@ -194,6 +241,8 @@ class ChatCompletionHandler:
                         yield KEEPALIVE_COMMENT
                     elif event.text:
                         yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(content=event.text)))
+                if suffix:
+                    yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(content=suffix)))
                 finishes.append(stream.finished)
                 reason = _api_finish_reason(stream.finished)
                 yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason))

@@ -73,12 +73,11 @@ UNSUPPORTED_WHEN_SET = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
-    """The body of a chat completion request."""
+class GenerationOptions(BaseModel):
+    """Sampling, length and image-size fields shared by chat completions and `/v1/vision/analyze`."""
 
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, store, ...) are ignored
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: StrictStr | None = None
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
@@ -92,13 +91,11 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
     n: StrictInt = Field(1, ge=1)
-    ignore_eos: StrictBool = Field(False, description="vLLM extension: generate max_tokens even past the end token")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    response_format: dict[str, Any] | None = None
-    tool_choice: Any = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    ignore_eos: StrictBool = Field(False, description="vLLM extension: generate max_tokens even past the end token")
+    min_pixels: StrictInt | None = Field(None, gt=0, description="lower the server's MIN_PIXELS for this request")
+    max_pixels: StrictInt | None = Field(None, gt=0, description="lower the server's MAX_PIXELS for this request")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -112,6 +109,28 @@ class ChatCompletionRequest(BaseModel):
             return ()
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         return tuple(stop for stop in stops if stop)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_limits(self, max_n: int) -> None:
+        """Refuse too many stop strings or choices."""
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            raise InvalidRequestError("At most 16 stop strings are allowed.", param="stop")
+        if self.n > max_n:
+            raise InvalidRequestError(f"n must be at most {max_n} on this server (got {self.n}).", param="n")
+
+
+class ChatCompletionRequest(GenerationOptions):
+    """The body of a chat completion request."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
 
     def check_supported(self, max_n: int) -> None:
         """Refuse what would silently change the answer: tools, logprobs, JSON modes, too many stops or choices."""
@@ -133,10 +152,7 @@ class ChatCompletionRequest(BaseModel):
                 param="response_format",
                 code="unsupported_field",
             )
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise InvalidRequestError("At most 16 stop strings are allowed.", param="stop")
-        if self.n > max_n:
-            raise InvalidRequestError(f"n must be at most {max_n} on this server (got {self.n}).", param="n")
+        self.check_limits(max_n)
 
 
 class AssistantMessage(BaseModel):

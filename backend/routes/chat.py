@@ -29,8 +29,7 @@ async def create_chat_completion(
     # error event; from then on a stream sends its headers and first chunk at once.
     prepared = await unless_disconnected(request, handler.prepare(body))
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(handler.stream(prepared, include_usage))
+        return sse_response(handler.stream(prepared, body.include_usage))
     try:
         return await unless_disconnected(request, handler.complete(prepared))
     except ClientDisconnected:

@@ -77,3 +77,20 @@ def test_curl(server_url):
     assert json.loads(payload)["usage"]["completion_tokens"] == 4
     health = subprocess.run(["curl", "-sS", f"{server_url}/health"], capture_output=True, text=True, timeout=30)
     assert json.loads(health.stdout)["status"] == "ready"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_uploads_a_photo_to_vision_analyze(server_url, tmp_path):
+    from tests import images
+
+    photo = tmp_path / "tongue.jpg"
+    photo.write_bytes(images.jpeg(640, 480))
+    result = subprocess.run(
+        ["curl", "-sS", "-F", f"image=@{photo}", "-F", "task=tongue", "-F", "max_tokens=8",
+         f"{server_url}/v1/vision/analyze"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    body = json.loads(result.stdout)
+    assert body["task"] == "tongue" and body["usage"]["completion_tokens"] <= 8
+    assert body["images"][0]["width"] * body["images"][0]["height"] <= 360 * 420
+    assert body["disclaimer"] and body["analysis"].endswith(body["disclaimer"])

@@ -6,7 +6,8 @@ from PIL import Image
 
 from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta, run_generation
 from backend.engine.loader import load_model
-from backend.engine.prompt import ChatTurn, PixelBounds, PromptBuilder
+from backend.engine.prompt import ChatTurn, PromptBuilder
+from backend.media.resize import PixelBounds
 from backend.engine.sampling import SamplingParams
 from backend.errors import InvalidRequestError, ModelOutputError, OutOfMemoryError
 from tests.conftest import make_settings
