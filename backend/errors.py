@@ -23,6 +23,7 @@ class APIError(Exception):
 
     status_code = 500
     error_type = "server_error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -104,6 +105,30 @@ class OutOfMemoryError(APIError):
     error_type = "service_unavailable"
 
 
+class QueueFullError(APIError):
+    """More requests wait than MAX_QUEUE allows (429, with Retry-After)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, limit: int, retry_after_seconds: int) -> None:
+        super().__init__(
+            f"The server is busy: {limit} requests are already waiting (MAX_QUEUE). Retry in a few seconds.",
+            code="queue_full",
+        )
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+class RequestTimeoutError(APIError):
+    """The request ran past REQUEST_TIMEOUT; its generation was stopped (504)."""
+
+    status_code = 504
+    error_type = "timeout_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_timeout")
+
+
 class ModelOutputError(APIError):
     """The model produced non-finite logits (float16 overflow): the answer would be garbage (500)."""
 
@@ -174,7 +199,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _json_error(exc.status_code, {"error": exc.to_dict()})
+        return _json_error(exc.status_code, {"error": exc.to_dict()}, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest request body (413 above)")
     stream_keepalive_seconds: float = Field(15.0, gt=0, le=90, description="SSE comment interval while waiting")
 
+    # --- scheduling ---
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
+    max_batch_tokens: int = Field(24576, ge=1, description="budget of prompt + max_tokens over the running batch")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond the batch; more get 429")
+    request_timeout_seconds: float = Field(600.0, gt=0, description="queue + generation time before a 504")
+
     # --- generation ---
     default_max_tokens: int = Field(1024, gt=0)
     max_tokens_limit: int = Field(8192, gt=0)

@@ -1,8 +1,8 @@
 """The engine: owns the model and the one inference thread, and hands out generation streams.
 
-Where a request waits and where the model runs: `Engine.generate` puts a `GenerationJob` on the inference
-thread's queue (a single-worker executor, so jobs run one after another in arrival order, and CUDA state stays
-on one thread). The job emits events back to the event loop with `call_soon_threadsafe`; a
+Where a request waits and where the model runs: `Engine.generate` puts a `GenerationJob` in the scheduler's
+queue; the inference thread (one, so CUDA state stays on it) batches it with the running sequences
+(`scheduler.py`, `batch.py`). The job emits events back to the event loop with `call_soon_threadsafe`; a
 `GenerationStream` hands them to the HTTP handler. The event loop never waits on the model.
 """
 
@@ -12,17 +12,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
 from anyio import to_thread
 
-from backend.engine.generation import Failed, Finished, GenerationEvent, GenerationJob, TextDelta, run_generation
+from backend.engine.generation import Failed, Finished, GenerationEvent, GenerationJob, TextDelta
 from backend.engine.loader import LoadedModel, load_model
 from backend.engine.prompt import ChatTurn, ModelInputs, PromptBuilder
 from backend.media.resize import PixelBounds
 from backend.engine.sampling import SamplingParams
+from backend.engine.scheduler import Scheduler
 from backend.errors import ModelNotReadyError
 from backend.settings import Settings
 
@@ -37,6 +39,38 @@ class GenerationResult:
 
     text: str
     finish: Finished
+
+
+class EventRelay:
+    """Carries events from the inference thread to the event loop, many per wake-up.
+
+    A decode step of a 32-sequence batch makes 32 events; waking the loop once per event would make the
+    loop compete with the model for the CPU. Events wait in a list until the one scheduled flush runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, GenerationEvent]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, event: GenerationEvent) -> None:
+        """Called on the inference thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 class KeepAlive:
@@ -58,6 +92,11 @@ class GenerationStream:
     def request_id(self) -> str:
         """The id of the request this stream answers."""
         return self._job.request_id
+
+    @property
+    def drained(self) -> bool:
+        """No event is waiting to be read right now (a good moment to flush what was read)."""
+        return self._queue.empty()
 
     def cancel(self) -> None:
         """Ask the inference thread to stop this generation (before it starts, or at the next token)."""
@@ -115,38 +154,39 @@ class EngineStats:
 
 
 class Engine:
-    """Loads the model on the inference thread and runs generations there, one at a time."""
+    """Loads the model on the inference thread, then runs the scheduler there until shutdown."""
 
     def __init__(self, settings: Settings, loader=load_model) -> None:
         self.settings = settings
         self._loader = loader
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.state: EngineState = "loading"
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
+        self.scheduler: Scheduler | None = None
         self._prompt_builder: PromptBuilder | None = None
-        self._load_task: asyncio.Future | None = None
-        self._pending: set[GenerationJob] = set()  # queued or running, so shutdown can stop them
+        self._thread: threading.Thread | None = None
+        self._load_done: Future[None] = Future()
+        self._relay: EventRelay | None = None
         self.stats = EngineStats()
         self.started_at = time.time()
 
     async def start(self) -> None:
-        """Begin loading the model in the background; `/health` says `loading` until it is done."""
-        loop = asyncio.get_running_loop()
-        self._load_task = loop.run_in_executor(self._executor, self._load)
+        """Start the inference thread; it loads the model (`/health` says `loading` meanwhile), then serves."""
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
 
     async def wait_until_loaded(self) -> None:
         """Wait for the load to end, successfully or not."""
-        if self._load_task is not None:
-            await asyncio.shield(self._load_task)
+        await asyncio.shield(asyncio.wrap_future(self._load_done))
 
-    def _load(self) -> None:
+    def _run(self) -> None:
         try:
             loaded = self._loader(self.settings)
         except Exception as exc:  # reported by /health and the log; the server stays up to say so
             logger.exception("loading %s failed", self.settings.model_id)
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "error"
+            self._load_done.set_result(None)
             return
         self._prompt_builder = PromptBuilder(
             loaded.tokenizer,
@@ -155,8 +195,16 @@ class Engine:
             loaded.image_token_id,
             system_prompt=self.settings.system_prompt,
         )
+        self.scheduler = Scheduler(
+            loaded,
+            max_batch_size=self.settings.max_batch_size,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            max_queue=self.settings.max_queue,
+        )
         self.loaded = loaded
         self.state = "ready"
+        self._load_done.set_result(None)
+        self.scheduler.run()
 
     def require_ready(self) -> LoadedModel:
         """The loaded model, or a 503 that says why there is none."""
@@ -176,29 +224,30 @@ class Engine:
         return await to_thread.run_sync(self._prompt_builder.build, turns, bounds)
 
     def generate(self, request_id: str, inputs: ModelInputs, params: SamplingParams) -> GenerationStream:
-        """Queue one generation on the inference thread; its events arrive on the returned stream."""
-        loaded = self.require_ready()
-        loop = asyncio.get_running_loop()
+        """Queue one generation for the scheduler; its events arrive on the returned stream.
+
+        Raises QueueFullError (429) when MAX_QUEUE requests already wait.
+        """
+        self.require_ready()
+        assert self.scheduler is not None
+        if self._relay is None:
+            self._relay = EventRelay(asyncio.get_running_loop())
+        relay = self._relay
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
         def emit(event: GenerationEvent) -> None:
             if not isinstance(event, TextDelta):
                 self.stats.record(event)
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                pass
+            relay.put(queue, event)
 
         job = GenerationJob(request_id, inputs, params, emit)
-        self._pending.add(job)
-        future = self._executor.submit(run_generation, loaded, job)
-        future.add_done_callback(lambda _: self._pending.discard(job))
+        job.deadline = job.submitted_at + self.settings.request_timeout_seconds
+        self.scheduler.submit(job)
         return GenerationStream(job, queue)
 
     async def shutdown(self) -> None:
         """Stop every queued or running generation at its next step (each ends with `abort`), then the thread."""
-        for job in list(self._pending):
-            job.cancelled.set()
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._executor.shutdown(wait=True)
-        )
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self._thread is not None:
+            await to_thread.run_sync(self._thread.join)

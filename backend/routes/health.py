@@ -30,6 +30,14 @@ async def health(engine: EngineDep) -> JSONResponse:
         uptime_seconds=round(time.time() - engine.started_at, 3),
         generation=asdict(engine.stats),
     )
+    if (scheduler := engine.scheduler) is not None:
+        body.scheduler = {
+            "running": scheduler.running,
+            "waiting": scheduler.waiting,
+            "peak_running": scheduler.peak_running,
+            "max_batch_size": scheduler.max_batch_size,
+            "max_queue": scheduler.max_queue,
+        }
     if (loaded := engine.loaded) is not None:
         body.resolved_revision = loaded.resolved_revision
         body.accepts_images = loaded.accepts_images

@@ -133,13 +133,14 @@ async def test_time_to_first_token_is_logged(client, caplog):
 
 
 async def test_keepalives_are_sent_while_a_request_waits_in_the_queue(tiny_vl_dir):
-    app = create_app(make_settings(tiny_vl_dir, stream_keepalive_seconds=0.05))
+    # A batch of one makes the second request wait in the queue behind the first.
+    app = create_app(make_settings(tiny_vl_dir, stream_keepalive_seconds=0.05, max_batch_size=1))
     async with LifespanManager(app, startup_timeout=60):
         await app.state.engine.wait_until_loaded()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
             busy = asyncio.ensure_future(http.post(URL, json=chat(max_tokens=3000, ignore_eos=True)))
-            while app.state.engine.stats.generated_tokens == 0 and not app.state.engine._pending:
+            while app.state.engine.scheduler.running == 0:
                 await asyncio.sleep(0.01)
             waiting = await stream(http, chat(max_tokens=3))
             await busy

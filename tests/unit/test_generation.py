@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta, run_generation
+from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta
+from backend.engine.scheduler import generate_alone as run_generation
 from backend.engine.loader import load_model
 from backend.engine.prompt import ChatTurn, PromptBuilder
 from backend.media.resize import PixelBounds

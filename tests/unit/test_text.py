@@ -77,3 +77,18 @@ def test_no_stops_passes_text_through():
     matcher = StopStringMatcher([])
     assert feed_all(matcher, ["a", "b"]) == "ab"
     assert matcher.flush() == ""
+
+
+def test_templated_content_chunks_equal_the_pydantic_model():
+    import json
+
+    from backend.handlers.chat import ContentChunks
+    from backend.protocol.chat import ChatCompletionChunk, ChunkChoice, ChunkDelta
+
+    for text in ["舌红", 'quote " and \\ backslash', "\n\t", "🌿"]:
+        fast = ContentChunks("chatcmpl-1", 123, "tiny").chunk(2, text)
+        model = ChatCompletionChunk(
+            id="chatcmpl-1", created=123, model="tiny", choices=[ChunkChoice(index=2, delta=ChunkDelta(content=text))]
+        ).model_dump(exclude_none=True)
+        assert fast.startswith("data: ") and fast.endswith("\n\n")
+        assert json.loads(fast[6:]) == model

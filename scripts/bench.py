@@ -1,0 +1,404 @@
+"""Throughput and latency of an OpenAI-compatible server under closed-loop load, side by side with peers.
+
+    python scripts/bench.py                              # our server on the bench checkpoint, 1/8/32 clients
+    python scripts/bench.py --vs-transformers-serve --raw
+    python scripts/bench.py --url http://host:8000 --model NAME   # any running endpoint
+
+Each client sends a request, waits for the whole (streamed) answer, and sends the next one, for `--duration`
+seconds per concurrency level. Requests are text, and every `--image-every`-th one carries a photo. Per level
+it reports requests/s, output tokens/s, p50/p95 latency, p50/p95 time to first token and errors.
+
+`--vs-transformers-serve` starts `transformers serve` on the same checkpoint and runs the same load against it,
+alternating with ours level by level, and prints ratios. `--raw` measures plain `model.generate` at batch 1
+and at the largest concurrency: the ceiling of this stack. The table goes to stdout, everything to `--json`.
+Only loopback addresses are started here; the load stops by itself after each level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "请介绍舌诊的基本方法。",
+    "舌质淡红，舌苔薄白，脉缓，这是什么体质？",
+    "What does a yellow greasy tongue coating suggest in TCM?",
+    "四君子汤由哪些药物组成？有什么功效？",
+    "面色萎黄，乏力，食欲不振，应该如何调理？",
+    "Please explain the difference between qi deficiency and yang deficiency.",
+]
+
+
+@dataclass
+class Sample:
+    """One finished request."""
+
+    latency: float
+    ttft: float | None
+    tokens: int
+    ok: bool
+    image: bool
+
+
+@dataclass
+class LevelResult:
+    """What one server did at one concurrency level."""
+
+    server: str
+    concurrency: int
+    seconds: float
+    requests: int
+    errors: int
+    output_tokens: int
+    requests_per_second: float
+    tokens_per_second: float
+    latency_p50: float | None
+    latency_p95: float | None
+    ttft_p50: float | None
+    ttft_p95: float | None
+    error_examples: list[str] = field(default_factory=list)
+    rss_before_mib: float | None = None  # the server's resident memory (ours reports it in /health)
+    rss_after_mib: float | None = None
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile, or None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
+
+
+def photo_data_uri(width: int = 448, height: int = 336) -> str:
+    """A generated JPEG (a reddish gradient, tongue-coloured), as a data: URI."""
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height))
+    image.putdata([(180 + x % 60, 60 + y % 40, 70) for y in range(height) for x in range(width)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class Load:
+    """Builds the requests of one run (same sequence for every server)."""
+
+    def __init__(self, model: str, max_tokens: int, image_every: int, ignore_eos: bool) -> None:
+        self.model = model
+        self.max_tokens = max_tokens
+        self.image_every = image_every
+        self.ignore_eos = ignore_eos
+        self.image = photo_data_uri() if image_every else None
+
+    def request(self, index: int) -> tuple[dict, bool]:
+        """The body of request number `index`, and whether it has an image."""
+        text = PROMPTS[index % len(PROMPTS)]
+        with_image = bool(self.image_every) and index % self.image_every == self.image_every - 1
+        content: str | list = text
+        if with_image:
+            content = [{"type": "image_url", "image_url": {"url": self.image}}, {"type": "text", "text": text}]
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        return body, with_image
+
+
+async def one_request(client: httpx.AsyncClient, body: dict, with_image: bool) -> tuple[Sample, str | None]:
+    """Send one streamed request; measure latency, time to first content, and output tokens."""
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    chunks = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+            async for line in response.aiter_lines():
+                # Parse only what is needed: the bench client shares the CPU with the server it measures.
+                if ttft is None and '"content":"' in line and '"content":""' not in line:
+                    ttft = time.perf_counter() - started
+                if '"content":"' in line:
+                    chunks += 1
+                if '"usage"' in line or '"error"' in line:
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"error event: {event['error']}")
+                    tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    except Exception as exc:  # counted as an error of this level; the run goes on
+        return Sample(time.perf_counter() - started, ttft, 0, False, with_image), str(exc)
+    return Sample(time.perf_counter() - started, ttft, tokens or chunks, True, with_image), None
+
+
+async def server_rss_mib(client: httpx.AsyncClient) -> float | None:
+    """The server's RSS from our /health (None for servers that do not report it)."""
+    try:
+        memory = (await client.get("/health")).json().get("memory") or {}
+    except (httpx.HTTPError, ValueError):
+        return None
+    rss = memory.get("process_rss_bytes")
+    return round(rss / 2**20, 1) if rss else None
+
+
+async def run_level(name: str, url: str, load: Load, concurrency: int, duration: float) -> LevelResult:
+    """`concurrency` closed-loop clients for `duration` seconds."""
+    samples: list[Sample] = []
+    errors: list[str] = []
+    counter = iter(range(10**9))
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
+        await one_request(client, *load.request(0))  # warm-up, not counted
+        rss_before = await server_rss_mib(client)
+        deadline = time.perf_counter() + duration
+        started = time.perf_counter()
+
+        async def client_loop() -> None:
+            while time.perf_counter() < deadline:
+                sample, error = await one_request(client, *load.request(next(counter)))
+                samples.append(sample)
+                if error and len(errors) < 5:
+                    errors.append(error)
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        rss_after = await server_rss_mib(client)
+    good = [sample for sample in samples if sample.ok]
+    tokens = sum(sample.tokens for sample in good)
+    return LevelResult(
+        server=name,
+        concurrency=concurrency,
+        seconds=round(elapsed, 2),
+        requests=len(good),
+        errors=len(samples) - len(good),
+        output_tokens=tokens,
+        requests_per_second=len(good) / elapsed,
+        tokens_per_second=tokens / elapsed,
+        latency_p50=percentile([s.latency for s in good], 0.50),
+        latency_p95=percentile([s.latency for s in good], 0.95),
+        ttft_p50=percentile([s.ttft for s in good if s.ttft is not None], 0.50),
+        ttft_p95=percentile([s.ttft for s in good if s.ttft is not None], 0.95),
+        error_examples=errors,
+        rss_before_mib=rss_before,
+        rss_after_mib=rss_after,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A server process on a loopback port, stopped when the run ends."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self._process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.log_path = log
+
+    def wait_ready(self, probe: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+            try:
+                if httpx.get(self.url + probe, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become ready; see {self.log_path}")
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+        self._log.close()
+
+
+def start_ours(checkpoint: Path, max_batch_size: int, log_dir: Path) -> Server:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": str(checkpoint),
+        "SERVED_MODEL_NAME": "bench",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "LOG_LEVEL": "warning",
+        "MAX_BATCH_SIZE": str(max_batch_size),
+    }
+    server = Server("ours", [sys.executable, "-m", "backend"], env, port, log_dir / "ours.log")
+    server.wait_ready("/health")
+    return server
+
+
+def start_transformers_serve(checkpoint: Path, binary: str, continuous: bool, log_dir: Path) -> Server:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [binary, "serve", str(checkpoint), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"]
+    if continuous:
+        command.append("--continuous-batching")
+    name = "transformers serve" + (" --continuous-batching" if continuous else "")
+    server = Server(name, command, env, port, log_dir / ("transformers-serve-cb.log" if continuous else "transformers-serve.log"))
+    server.wait_ready("/health")
+    return server
+
+
+def raw_generate(checkpoint: Path, batch_sizes: list[int], max_tokens: int) -> list[dict]:
+    """Tokens/s of plain `model.generate` (greedy, exactly `max_tokens` new tokens, left padding)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    results = []
+    for batch in batch_sizes:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False, add_generation_prompt=True)
+            for i in range(batch)
+        ]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        options = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+        timings = []
+        with torch.inference_mode():
+            model.generate(**inputs, **{**options, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+            for _ in range(3):  # the median of three: this machine is shared and noisy
+                started = time.perf_counter()
+                output = model.generate(**inputs, **options)
+                timings.append(time.perf_counter() - started)
+        elapsed = statistics.median(timings)
+        new_tokens = (output.shape[1] - inputs["input_ids"].shape[1]) * batch
+        results.append({"batch": batch, "seconds": round(elapsed, 3), "tokens_per_second": new_tokens / elapsed})
+    return results
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}{unit}"
+
+
+def print_table(results: list[LevelResult], raw: list[dict]) -> None:
+    print(f"\n{'server':<40}{'clients':>8}{'req/s':>9}{'tok/s':>10}{'p50 lat':>10}{'p95 lat':>10}{'p50 ttft':>10}{'p95 ttft':>10}{'errors':>8}")
+    for result in results:
+        rss = f"  (RSS {result.rss_before_mib} -> {result.rss_after_mib} MiB)" if result.rss_after_mib else ""
+        print(
+            f"{result.server:<40}{result.concurrency:>8}{result.requests_per_second:>9.2f}{result.tokens_per_second:>10.1f}"
+            f"{fmt(result.latency_p50, 's'):>10}{fmt(result.latency_p95, 's'):>10}{fmt(result.ttft_p50, 's'):>10}"
+            f"{fmt(result.ttft_p95, 's'):>10}{result.errors:>8}{rss}"
+        )
+    ours = {r.concurrency: r for r in results if r.server == "ours"}
+    peers = sorted({r.server for r in results if r.server != "ours"})
+    if peers or raw:
+        print("\nratios (ours / other):")
+    for peer in peers:
+        for result in (r for r in results if r.server == peer):
+            mine = ours.get(result.concurrency)
+            if mine and result.tokens_per_second:
+                latency = (
+                    f", p95 latency {mine.latency_p95 / result.latency_p95:.2f}x"
+                    if mine.latency_p95 and result.latency_p95
+                    else ""
+                )
+                print(f"  vs {peer:<38} {result.concurrency:>3} clients: tok/s {mine.tokens_per_second / result.tokens_per_second:.2f}x{latency}")
+    for entry in raw:
+        mine = ours.get(entry["batch"])
+        print(f"  raw generate, batch {entry['batch']:>3}: {entry['tokens_per_second']:.1f} tok/s" + (
+            f"; ours at {entry['batch']} clients = {mine.tokens_per_second / entry['tokens_per_second']:.2f}x" if mine else ""
+        ))
+
+
+def ensure_checkpoint(path: Path, size: str) -> Path:
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(path), "--size", size], check=True)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="benchmark this running endpoint instead of starting our server")
+    parser.add_argument("--model", default="bench", help="model name to send (with --url)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the bench checkpoint)")
+    parser.add_argument("--size", default="bench", choices=["tiny", "bench"], help="size of the made checkpoint")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per level and server")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--image-every", type=int, default=4, help="every n-th request has an image (0: none)")
+    parser.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos (exactly max_tokens)")
+    parser.add_argument("--vs-transformers-serve", action="store_true", help="also run `transformers serve`")
+    parser.add_argument("--continuous-batching", action="store_true", help="also run it with --continuous-batching")
+    parser.add_argument("--transformers-bin", default=str(Path(sys.executable).with_name("transformers")),
+                        help="the `transformers` CLI to start (it needs torchvision for Qwen2.5-VL)")
+    parser.add_argument("--raw", action="store_true", help="measure plain model.generate too")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-results.json", help="where to write all results")
+    parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench-logs")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    levels = [int(level) for level in args.concurrency.split(",")]
+    checkpoint = args.checkpoint or ensure_checkpoint(ROOT / ".cache" / f"{args.size}-vl", args.size)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    raw = raw_generate(checkpoint, sorted({1, max(levels)}), args.max_tokens) if args.raw else []
+
+    servers: list[Server] = []
+    targets: list[tuple[str, str, str]] = []  # (name, url, model)
+    try:
+        if args.url:
+            targets.append(("ours", args.url, args.model))
+        else:
+            servers.append(start_ours(checkpoint, max(levels), args.log_dir))
+            targets.append(("ours", servers[-1].url, "bench"))
+        if args.vs_transformers_serve:
+            modes = [False, True] if args.continuous_batching else [False]
+            for continuous in modes:
+                servers.append(start_transformers_serve(checkpoint, args.transformers_bin, continuous, args.log_dir))
+                targets.append((servers[-1].name, servers[-1].url, str(checkpoint)))
+        results: list[LevelResult] = []
+        for round_index, level in enumerate(levels):
+            order = targets if round_index % 2 == 0 else list(reversed(targets))  # alternate who goes first
+            for name, url, model in order:
+                load = Load(model, args.max_tokens, args.image_every, args.ignore_eos)
+                result = await run_level(name, url, load, level, args.duration)
+                results.append(result)
+                print(f"{name:<40} {level:>3} clients: {result.tokens_per_second:8.1f} tok/s, {result.errors} errors", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    print_table(results, raw)
+    args.json.write_text(json.dumps({"levels": [asdict(r) for r in results], "raw_generate": raw, "args": {
+        k: str(v) for k, v in vars(args).items()}}, indent=2))
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
