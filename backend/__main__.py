@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
+from backend.engine.devices import limit_malloc_arenas
+from backend.logging_setup import configure_logging
 from backend.settings import Settings, describe_settings_error
 
 
@@ -18,10 +19,8 @@ def main() -> int:
     except ValidationError as error:
         print(describe_settings_error(error), file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    limit_malloc_arenas()  # before any worker thread exists
     from backend.app import create_app  # imported after logging is set up: torch and transformers are slow
 
     uvicorn.run(
@@ -29,7 +28,10 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        log_config=None,  # keep the formatting configured above
+        # On SIGTERM uvicorn stops accepting, lets running requests finish for this long, then the
+        # lifespan's shutdown aborts what is left.
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     return 0
 

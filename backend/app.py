@@ -19,10 +19,30 @@ from backend.errors import install_error_handlers
 from backend.handlers.chat import ChatCompletionHandler
 from backend.handlers.vision import VisionHandler
 from backend.media import ImageIntake
-from backend.routes import chat, health, models, vision
+from backend.metrics import Metrics
+from backend.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from backend.routes import chat, health, metrics, models, vision
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def warn_about_exposure(settings: Settings) -> None:
+    """Loud warnings for configurations that let strangers use the GPU or read answers."""
+    if not settings.api_key and settings.host not in LOOPBACK_HOSTS:
+        logger.warning(
+            "!!! No API_KEY is set and the server listens on %s: anyone who can reach this address (on RunPod: "
+            "anyone with the proxy URL) can use the model. Set API_KEY to one or more secret keys. !!!",
+            settings.host,
+        )
+    if settings.api_key and "*" in settings.cors_origins:
+        logger.warning(
+            "CORS_ORIGINS=* with API keys: any web page may call this server with a key it holds. "
+            "List your front end's origin(s) in CORS_ORIGINS instead."
+        )
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -31,6 +51,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_about_exposure(settings)
         await engine.start()
         try:
             yield
@@ -48,7 +69,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     intake = ImageIntake(settings)
     app.state.chat_handler = ChatCompletionHandler(engine, settings, intake)
     app.state.vision_handler = VisionHandler(engine, settings, intake, app.state.chat_handler)
+    app.state.metrics = Metrics(settings.model_name)
+    engine.listeners.append(app.state.metrics.record)
 
+    # Added innermost first: a request meets CORS, then the request id and log line, then the key check,
+    # then the body limits. CORS outermost means even a 401 or 413 can be read by a browser page.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, read_timeout_seconds=settings.body_read_timeout_seconds)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -59,6 +88,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         )
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(vision.router)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "FreedomIntelligence/ShizhenGPT-32B-VL"
@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer keys")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long running requests may finish on SIGTERM")
+    body_read_timeout_seconds: float = Field(30.0, gt=0, description="a body sent slower than this is refused (408)")
+    max_messages: int = Field(1024, ge=1, description="messages per chat request")
     max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest request body (413 above)")
     stream_keepalive_seconds: float = Field(15.0, gt=0, le=90, description="SSE comment interval while waiting")
 
@@ -86,7 +91,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("cors_origins", "image_url_allowed_domains", mode="before")
+    @field_validator("cors_origins", "image_url_allowed_domains", "api_key", mode="before")
     @classmethod
     def _split_list(cls, value):
         """Lists are comma-separated (`CORS_ORIGINS=*`, `IMAGE_URL_ALLOWED_DOMAINS=a.com,b.org`)."""
@@ -120,6 +125,11 @@ class Settings(BaseSettings):
         if self.min_pixels > self.max_pixels:
             raise ValueError("MIN_PIXELS must not exceed MAX_PIXELS")
         return self
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The configured keys in clear (for the auth middleware only; never log them)."""
+        return [key.get_secret_value() for key in self.api_key]
 
     @property
     def model_name(self) -> str:

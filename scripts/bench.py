@@ -73,6 +73,10 @@ class LevelResult:
     error_examples: list[str] = field(default_factory=list)
     rss_before_mib: float | None = None  # the server's resident memory (ours reports it in /health)
     rss_after_mib: float | None = None
+    prefill_share: float | None = None  # ours: fraction of the level's wall time spent in prefill passes
+    decode_share: float | None = None  # ... and in decode steps (the rest: HTTP, queueing, idle)
+    prefill_passes: int | None = None
+    decode_steps: int | None = None
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -151,14 +155,14 @@ async def one_request(client: httpx.AsyncClient, body: dict, with_image: bool) -
     return Sample(time.perf_counter() - started, ttft, tokens or chunks, True, with_image), None
 
 
-async def server_rss_mib(client: httpx.AsyncClient) -> float | None:
-    """The server's RSS from our /health (None for servers that do not report it)."""
+async def server_state(client: httpx.AsyncClient) -> tuple[float | None, dict]:
+    """The server's RSS (MiB) and scheduler counters from our /health (None / {} for other servers)."""
     try:
-        memory = (await client.get("/health")).json().get("memory") or {}
+        health = (await client.get("/health")).json()
     except (httpx.HTTPError, ValueError):
-        return None
-    rss = memory.get("process_rss_bytes")
-    return round(rss / 2**20, 1) if rss else None
+        return None, {}
+    rss = (health.get("memory") or {}).get("process_rss_bytes")
+    return (round(rss / 2**20, 1) if rss else None), health.get("scheduler") or {}
 
 
 async def run_level(name: str, url: str, load: Load, concurrency: int, duration: float) -> LevelResult:
@@ -169,7 +173,7 @@ async def run_level(name: str, url: str, load: Load, concurrency: int, duration:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
         await one_request(client, *load.request(0))  # warm-up, not counted
-        rss_before = await server_rss_mib(client)
+        rss_before, counters_before = await server_state(client)
         deadline = time.perf_counter() + duration
         started = time.perf_counter()
 
@@ -182,7 +186,7 @@ async def run_level(name: str, url: str, load: Load, concurrency: int, duration:
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        rss_after = await server_rss_mib(client)
+        rss_after, counters_after = await server_state(client)
     good = [sample for sample in samples if sample.ok]
     tokens = sum(sample.tokens for sample in good)
     return LevelResult(
@@ -201,7 +205,20 @@ async def run_level(name: str, url: str, load: Load, concurrency: int, duration:
         error_examples=errors,
         rss_before_mib=rss_before,
         rss_after_mib=rss_after,
+        **scheduler_shares(counters_before, counters_after, elapsed),
     )
+
+
+def scheduler_shares(before: dict, after: dict, elapsed: float) -> dict:
+    """How the inference thread spent the level: prefill vs decode time, passes and steps."""
+    if not before or not after or "prefill_ms" not in after:
+        return {}
+    return {
+        "prefill_share": round((after["prefill_ms"] - before["prefill_ms"]) / 1000 / elapsed, 3),
+        "decode_share": round((after["decode_ms"] - before["decode_ms"]) / 1000 / elapsed, 3),
+        "prefill_passes": after["prefill_passes"] - before["prefill_passes"],
+        "decode_steps": after["decode_steps"] - before["decode_steps"],
+    }
 
 
 def free_port() -> int:
@@ -305,7 +322,13 @@ def fmt(value: float | None, unit: str = "") -> str:
 def print_table(results: list[LevelResult], raw: list[dict]) -> None:
     print(f"\n{'server':<40}{'clients':>8}{'req/s':>9}{'tok/s':>10}{'p50 lat':>10}{'p95 lat':>10}{'p50 ttft':>10}{'p95 ttft':>10}{'errors':>8}")
     for result in results:
-        rss = f"  (RSS {result.rss_before_mib} -> {result.rss_after_mib} MiB)" if result.rss_after_mib else ""
+        rss = f"  (RSS {result.rss_before_mib} -> {result.rss_after_mib} MiB" if result.rss_after_mib else ""
+        if result.prefill_share is not None:
+            rss += (
+                f"; prefill {result.prefill_share:.0%} in {result.prefill_passes} passes,"
+                f" decode {result.decode_share:.0%} in {result.decode_steps} steps"
+            )
+        rss += ")" if rss else ""
         print(
             f"{result.server:<40}{result.concurrency:>8}{result.requests_per_second:>9.2f}{result.tokens_per_second:>10.1f}"
             f"{fmt(result.latency_p50, 's'):>10}{fmt(result.latency_p95, 's'):>10}{fmt(result.ttft_p50, 's'):>10}"

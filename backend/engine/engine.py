@@ -168,6 +168,8 @@ class Engine:
         self._load_done: Future[None] = Future()
         self._relay: EventRelay | None = None
         self.stats = EngineStats()
+        # Called with every final event (Finished / Failed) on the inference thread: stats, metrics.
+        self.listeners: list = [self.stats.record]
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -237,7 +239,8 @@ class Engine:
 
         def emit(event: GenerationEvent) -> None:
             if not isinstance(event, TextDelta):
-                self.stats.record(event)
+                for listener in self.listeners:
+                    listener(event)
             relay.put(queue, event)
 
         job = GenerationJob(request_id, inputs, params, emit)

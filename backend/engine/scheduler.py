@@ -16,7 +16,7 @@ from collections import deque
 import torch
 
 from backend.engine.batch import DecodeBatch
-from backend.engine.devices import free_accelerator_cache
+from backend.engine.devices import free_accelerator_cache, release_free_memory
 from backend.engine.generation import Failed, Finished, GenerationJob, SequenceState, prefill, timeout_error
 from backend.engine.loader import LoadedModel
 from backend.errors import ModelNotReadyError, OutOfMemoryError, QueueFullError
@@ -46,6 +46,11 @@ class Scheduler:
         self._condition = threading.Condition()
         self._stopping = False
         self.peak_running = 0  # the largest batch so far, for /health
+        # Where the inference thread's time goes (for /health and scripts/bench.py).
+        self.prefill_passes = 0
+        self.prefill_seconds = 0.0
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
 
     # --- called from the event loop ---
 
@@ -83,6 +88,8 @@ class Scheduler:
         """Serve until `stop` and until every job has been answered."""
         while True:
             with self._condition:
+                if not self._waiting and not self.batch.rows and not self._stopping:
+                    release_free_memory()  # idle: give what the last requests freed back to the system
                 while not self._waiting and not self.batch.rows and not self._stopping:
                     self._condition.wait()
                 if self._stopping and not self._waiting and not self.batch.rows:
@@ -162,9 +169,11 @@ class Scheduler:
         """One prefill forward pass for `jobs`; each chooses its first token and joins unless already done."""
         started = time.perf_counter()
         rows = [SequenceState(self.loaded, job, started) for job in jobs]
+        self.prefill_passes += 1
         try:
             with torch.inference_mode():
                 prefilled = prefill(self.loaded, [job.inputs for job in jobs])
+            self.prefill_seconds += time.perf_counter() - started
         except Exception as exc:  # these requests only; the thread and the running batch carry on
             if isinstance(exc, torch.OutOfMemoryError):
                 free_accelerator_cache()
@@ -203,6 +212,8 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         """One forward pass for the batch; each row chooses, emits, and leaves if it has ended."""
+        started = time.perf_counter()
+        self.decode_steps += 1
         try:
             with torch.inference_mode():
                 logits = self.batch.step()
@@ -238,6 +249,7 @@ class Scheduler:
             else:
                 self.batch.next_tokens[index] = token
         self.batch.remove(ended)
+        self.decode_seconds += time.perf_counter() - started
 
 
 def generate_alone(loaded: LoadedModel, job: GenerationJob) -> None:

@@ -155,6 +155,13 @@ class ChatCompletionHandler:
         """Validate against the model, load images, tokenise, and fix each choice's sampling."""
         check_model_name(request.model, self._settings)
         request.check_supported(self._settings.max_n)
+        if len(request.messages) > self._settings.max_messages:
+            raise InvalidRequestError(
+                f"The request has {len(request.messages)} messages; at most {self._settings.max_messages} are "
+                "allowed (MAX_MESSAGES).",
+                param="messages",
+                code="too_many_messages",
+            )
         loaded = self._engine.require_ready()
         started = time.perf_counter()
         images = await self._intake.load(collect_images(request.messages))
@@ -198,7 +205,7 @@ class ChatCompletionHandler:
             for index, params in enumerate(prepared.choices)
         ]
 
-    async def generate_all(self, prepared: PreparedChat) -> list[GenerationResult]:
+    async def generate_all(self, prepared: PreparedChat, log: dict | None = None) -> list[GenerationResult]:
         """Generate every choice to the end (logged); a failure or cancellation stops them all."""
         tasks = [asyncio.ensure_future(stream.collect()) for stream in self._start(prepared)]
         try:
@@ -207,12 +214,12 @@ class ChatCompletionHandler:
             for task in tasks:  # one choice failed or the client left: stop the others too
                 task.cancel()
             raise
-        self._log(prepared, [result.finish for result in results])
+        self._log(prepared, [result.finish for result in results], log)
         return results
 
-    async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
+    async def complete(self, prepared: PreparedChat, log: dict | None = None) -> ChatCompletionResponse:
         """Generate every choice and answer with the whole message(s)."""
-        results = await self.generate_all(prepared)
+        results = await self.generate_all(prepared, log)
         return ChatCompletionResponse(
             id=prepared.request_id,
             created=prepared.created,
@@ -228,7 +235,9 @@ class ChatCompletionHandler:
             usage=Usage.of(prepared.inputs.prompt_tokens, sum(r.finish.completion_tokens for r in results)),
         )
 
-    async def stream(self, prepared: PreparedChat, include_usage: bool, suffix: str = "") -> AsyncIterator[str]:
+    async def stream(
+        self, prepared: PreparedChat, include_usage: bool, suffix: str = "", log: dict | None = None
+    ) -> AsyncIterator[str]:
         """The answer as SSE: per choice a role chunk, content chunks (then `suffix`, if any), a chunk with
         `finish_reason`; then the usage chunk if asked for, and `[DONE]`. Keep-alives fill quiet intervals."""
         streams = self._start(prepared)
@@ -259,9 +268,15 @@ class ChatCompletionHandler:
                 completion_tokens = sum(finish.completion_tokens for finish in finishes)
                 usage = Usage.of(prepared.inputs.prompt_tokens, completion_tokens)
                 yield self._chunk(prepared, usage=usage)
-            self._log(prepared, finishes)
+            self._log(prepared, finishes, log)
         except Exception as exc:  # after the first byte, errors can only travel as an event
+            if log is not None:
+                log["error"] = getattr(exc, "code", None) or type(exc).__name__
             yield error_event(exc)
+        except BaseException:  # cancelled: the client went away
+            if log is not None:
+                log["client_disconnected"] = True
+            raise
         finally:
             for stream in streams:  # the client left, or a choice failed: stop whatever still runs
                 stream.cancel()
@@ -278,27 +293,25 @@ class ChatCompletionHandler:
         return sse_event(chunk.model_dump(exclude_none=True))
 
     @staticmethod
-    def _log(prepared: PreparedChat, finishes: list[Finished]) -> None:
-        """One line per choice, with the time to first token counted from when the request was queued."""
-        for index, finish in enumerate(finishes):
-            ttft = (
-                f"{(finish.queue_seconds + finish.time_to_first_token) * 1000:.0f}"
-                if finish.time_to_first_token is not None
-                else "-"
-            )
-            logger.info(
-                "request %s choice %d: %d prompt + %d completion tokens, %d images, finish=%s, "
-                "queue %.0f ms, ttft %s ms, generation %.0f ms",
-                prepared.request_id,
-                index,
-                finish.prompt_tokens,
-                finish.completion_tokens,
-                len(prepared.inputs.image_token_counts),
-                finish.finish_reason,
-                finish.queue_seconds * 1000,
-                ttft,
-                finish.generation_seconds * 1000,
-            )
+    def _log(prepared: PreparedChat, finishes: list[Finished], log: dict | None) -> None:
+        """Add the answer's figures to the request's log line (times in ms; time to first token counted from
+        when the request was queued)."""
+        if log is None or not finishes:
+            return
+        first = finishes[0]
+        ttft = first.queue_seconds + first.time_to_first_token if first.time_to_first_token is not None else None
+        log.update(
+            {
+                "completion_id": prepared.request_id,
+                "prompt_tokens": prepared.inputs.prompt_tokens,
+                "completion_tokens": sum(finish.completion_tokens for finish in finishes),
+                "images": len(prepared.inputs.image_token_counts),
+                "finish_reason": ",".join(finish.finish_reason for finish in finishes),
+                "queue_ms": round(first.queue_seconds * 1000, 1),
+                "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
+                "generation_ms": round(max(finish.generation_seconds for finish in finishes) * 1000, 1),
+            }
+        )
 
 
 class ContentChunks:

@@ -57,7 +57,12 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+def request_log(request: Request) -> dict:
+    """The fields of this request's log line (written by the request-context middleware at the end)."""
+    return request.scope.setdefault("state", {}).setdefault("log", {})
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T], log: dict | None = None) -> T:
     """Await `work`, but cancel it if the client disconnects first (then raise ClientDisconnected).
 
     Cancelling the work cancels its generation streams, so an abandoned non-streaming request stops at its
@@ -72,5 +77,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             work_task.cancel()
         watcher.cancel()
     if work_task.cancelled():
+        if log is not None:
+            log["client_disconnected"] = True
         raise ClientDisconnected()
     return work_task.result()

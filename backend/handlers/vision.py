@@ -150,14 +150,14 @@ class VisionHandler:
         chat = await self._chat.prepare_turns(body, [turn], images, started, "vision")
         return PreparedVision(body, chat, self._settings.medical_disclaimer.strip())
 
-    def stream(self, prepared: PreparedVision):
+    def stream(self, prepared: PreparedVision, log: dict | None = None):
         """SSE in the chat chunk format; the disclaimer arrives as the last content chunk."""
         suffix = f"\n\n{prepared.disclaimer}" if prepared.disclaimer else ""
-        return self._chat.stream(prepared.chat, prepared.body.include_usage, suffix=suffix)
+        return self._chat.stream(prepared.chat, prepared.body.include_usage, suffix=suffix, log=log)
 
-    async def complete(self, prepared: PreparedVision) -> VisionAnalyzeResponse:
+    async def complete(self, prepared: PreparedVision, log: dict | None = None) -> VisionAnalyzeResponse:
         """Generate the whole analysis."""
-        [result] = await self._chat.generate_all(prepared.chat)
+        [result] = await self._chat.generate_all(prepared.chat, log)
         finish, chat = result.finish, prepared.chat
         analysis = result.text + (f"\n\n{prepared.disclaimer}" if prepared.disclaimer else "")
         return VisionAnalyzeResponse(

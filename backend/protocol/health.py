@@ -26,4 +26,4 @@ class HealthResponse(BaseModel):
     load_seconds: float | None = None
     uptime_seconds: float
     generation: dict[str, Any] | None = None  # counters: finished by reason, failed, generated tokens
-    scheduler: dict[str, int] | None = None  # running, waiting, peak_running, max_batch_size, max_queue
+    scheduler: dict[str, int] | None = None  # running, waiting, peak, limits, prefill/decode passes and ms

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from backend.dependencies import ChatHandlerDep
-from backend.handlers.streaming import ClientDisconnected, sse_response, unless_disconnected
+from backend.handlers.streaming import ClientDisconnected, request_log, sse_response, unless_disconnected
 from backend.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from backend.protocol.common import ErrorResponse
 
@@ -27,10 +27,11 @@ async def create_chat_completion(
     """Answer a conversation (text, and images as `image_url` parts); `stream: true` answers with SSE."""
     # Input is checked and images decoded before the response starts, so bad input is a 4xx, not an
     # error event; from then on a stream sends its headers and first chunk at once.
-    prepared = await unless_disconnected(request, handler.prepare(body))
+    log = request_log(request)
+    prepared = await unless_disconnected(request, handler.prepare(body), log)
     if body.stream:
-        return sse_response(handler.stream(prepared, body.include_usage))
+        return sse_response(handler.stream(prepared, body.include_usage, log=log))
     try:
-        return await unless_disconnected(request, handler.complete(prepared))
+        return await unless_disconnected(request, handler.complete(prepared, log), log)
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; the generation was cancelled

@@ -37,6 +37,10 @@ async def health(engine: EngineDep) -> JSONResponse:
             "peak_running": scheduler.peak_running,
             "max_batch_size": scheduler.max_batch_size,
             "max_queue": scheduler.max_queue,
+            "prefill_passes": scheduler.prefill_passes,
+            "prefill_ms": round(scheduler.prefill_seconds * 1000),
+            "decode_steps": scheduler.decode_steps,
+            "decode_ms": round(scheduler.decode_seconds * 1000),
         }
     if (loaded := engine.loaded) is not None:
         body.resolved_revision = loaded.resolved_revision

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from backend.dependencies import VisionHandlerDep
-from backend.handlers.streaming import ClientDisconnected, sse_response, unless_disconnected
+from backend.handlers.streaming import ClientDisconnected, request_log, sse_response, unless_disconnected
 from backend.protocol.common import ErrorResponse
 from backend.protocol.vision import VisionAnalyzeRequest, VisionAnalyzeResponse
 
@@ -44,10 +44,11 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413
 )
 async def analyze_image(request: Request, handler: VisionHandlerDep) -> VisionAnalyzeResponse | StreamingResponse | Response:
     """Analyse images (tongue, face, herb, or general) and answer with the text, sizes, tokens and timings."""
-    prepared = await unless_disconnected(request, handler.prepare(request))
+    log = request_log(request)
+    prepared = await unless_disconnected(request, handler.prepare(request), log)
     if prepared.body.stream:
-        return sse_response(handler.stream(prepared))
+        return sse_response(handler.stream(prepared, log))
     try:
-        return await unless_disconnected(request, handler.complete(prepared))
+        return await unless_disconnected(request, handler.complete(prepared, log), log)
     except ClientDisconnected:
         return Response(status_code=499)

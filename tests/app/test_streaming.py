@@ -127,9 +127,10 @@ async def test_bad_input_is_still_a_plain_400_when_streaming(client):
 
 
 async def test_time_to_first_token_is_logged(client, caplog):
-    with caplog.at_level(logging.INFO, logger="backend.handlers.chat"):
+    with caplog.at_level(logging.INFO, logger="backend.access"):
         await stream(client, chat(max_tokens=2))
-    assert any("ttft" in record.getMessage() and "finish=length" in record.getMessage() for record in caplog.records)
+    [line] = [record.fields for record in caplog.records if record.name == "backend.access"]
+    assert line["finish_reason"] == "length" and line["completion_tokens"] == 2 and line["ttft_ms"] > 0
 
 
 async def test_keepalives_are_sent_while_a_request_waits_in_the_queue(tiny_vl_dir):
