@@ -1,15 +1,16 @@
 """The running batch: sequences of different lengths decoding together, one forward pass per step.
 
-Each sequence is prefilled alone, then joins the batch between two decode steps (iteration-level, or
-"continuous", batching). The batch keeps one KV cache whose rows are left-padded to a common length, an
+Arriving sequences are prefilled (text prompts that arrive together in one pass, image prompts alone), then
+join the batch between two decode steps (iteration-level, or "continuous", batching). The batch keeps one KV cache whose rows are left-padded to a common length, an
 attention mask that hides the padding, and each row's own rotary position. A sequence that ends leaves at
 once; padding columns no row needs any more are trimmed.
 
-Why this design (measured with scripts/bench.py, see docs/benchmarks.md): transformers' own continuous
-batching (`generate_batch` / `transformers serve --continuous-batching`) gave no more tokens/s at 32 clients
-than at 1 on this CPU with a Qwen2.5-VL checkpoint, and a static batch (wait for the whole batch to end) holds
-short answers hostage to long ones. Padding costs little here: prompts of chat requests are short next to the
-cache of a long answer.
+Why this design (measured with scripts/bench.py, docs/benchmarks.md): transformers' own continuous batching
+does not serve Qwen2.5-VL (`transformers serve --continuous-batching` logs "Qwen2_5_VLForConditionalGeneration
+does not support continuous batching. Falling back to sequential generation." and stays at ~50-60 tokens/s
+from 1 to 32 clients on the 2-core CPU), and a static batch (wait until the whole batch ends) holds short
+answers hostage to long ones. Here, at 32 clients, the same load gets ~8x the tokens/s of `transformers serve`.
+Padding costs little: chat prompts are short next to the cache of a long answer.
 """
 
 from __future__ import annotations

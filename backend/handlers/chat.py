@@ -162,7 +162,7 @@ class ChatCompletionHandler:
                 param="messages",
                 code="too_many_messages",
             )
-        loaded = self._engine.require_ready()
+        self._engine.require_ready()  # a 503 now, before any image is fetched or decoded
         started = time.perf_counter()
         images = await self._intake.load(collect_images(request.messages))
         return await self.prepare_turns(

@@ -53,7 +53,9 @@ def bytes_from_inline(value: str, source: str, max_bytes: int) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidImageError(f"The image at {source} is not valid base64: {exc}", param=source, code="invalid_image")
+        raise InvalidImageError(
+            f"The image at {source} is not valid base64: {exc}", param=source, code="invalid_image"
+        ) from exc
 
 
 def decode_image(data: bytes, source: str, max_bytes: int, max_pixels: int) -> Image.Image:
