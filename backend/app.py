@@ -74,7 +74,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     # Added innermost first: a request meets CORS, then the request id and log line, then the key check,
     # then the body limits. CORS outermost means even a 401 or 413 can be read by a browser page.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, read_timeout_seconds=settings.body_read_timeout_seconds)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        read_timeout_seconds=settings.body_read_timeout_seconds,
+    )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware)

@@ -31,7 +31,9 @@ class _MemoryCollector:
         report = memory_report()
         labels = ["model_name", "gpu"]
         allocated = GaugeMetricFamily("shizhen:gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=labels)
-        reserved = GaugeMetricFamily("shizhen:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator", labels=labels)
+        reserved = GaugeMetricFamily(
+            "shizhen:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator", labels=labels
+        )
         total = GaugeMetricFamily("shizhen:gpu_memory_total_bytes", "GPU memory of the device", labels=labels)
         for gpu in report["gpus"]:
             key = [self._model_name, str(gpu["index"])]
@@ -50,29 +52,50 @@ class Metrics:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self._model = model_name
-        self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch", labels, registry=self.registry)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting in the queue", labels, registry=self.registry)
+        self.running = Gauge(
+            "vllm:num_requests_running", "Sequences in the running batch", labels, registry=self.registry
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting in the queue", labels, registry=self.registry
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens", labels, registry=self.registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", labels, registry=self.registry)
         self.success = Counter(
-            "vllm:request_success", "Finished requests by finish reason", [*labels, "finished_reason"], registry=self.registry
+            "vllm:request_success",
+            "Finished requests by finish reason",
+            [*labels, "finished_reason"],
+            registry=self.registry,
         )
-        self.failures = Counter("shizhen:request_failure", "Requests that ended with an error", labels, registry=self.registry)
+        self.failures = Counter(
+            "shizhen:request_failure", "Requests that ended with an error", labels, registry=self.registry
+        )
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token (prefill)", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token (prefill)",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.inter_token = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between two output tokens", labels,
-            buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry,
+            "vllm:inter_token_latency_seconds",
+            "Time between two output tokens",
+            labels,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Queue + generation time", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "vllm:e2e_request_latency_seconds",
+            "Queue + generation time",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds", "Time waiting in the queue", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "vllm:request_queue_time_seconds",
+            "Time waiting in the queue",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(_MemoryCollector(model_name))
 

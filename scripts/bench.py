@@ -282,7 +282,9 @@ def start_transformers_serve(checkpoint: Path, binary: str, continuous: bool, lo
     if continuous:
         command.append("--continuous-batching")
     name = "transformers serve" + (" --continuous-batching" if continuous else "")
-    server = Server(name, command, env, port, log_dir / ("transformers-serve-cb.log" if continuous else "transformers-serve.log"))
+    server = Server(
+        name, command, env, port, log_dir / ("transformers-serve-cb.log" if continuous else "transformers-serve.log")
+    )
     server.wait_ready("/health")
     return server
 
@@ -297,11 +299,20 @@ def raw_generate(checkpoint: Path, batch_sizes: list[int], max_tokens: int) -> l
     results = []
     for batch in batch_sizes:
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False, add_generation_prompt=True
+            )
             for i in range(batch)
         ]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        options = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+        options = dict(
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         timings = []
         with torch.inference_mode():
             model.generate(**inputs, **{**options, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
@@ -320,7 +331,9 @@ def fmt(value: float | None, unit: str = "") -> str:
 
 
 def print_table(results: list[LevelResult], raw: list[dict]) -> None:
-    print(f"\n{'server':<40}{'clients':>8}{'req/s':>9}{'tok/s':>10}{'p50 lat':>10}{'p95 lat':>10}{'p50 ttft':>10}{'p95 ttft':>10}{'errors':>8}")
+    print(
+        f"\n{'server':<40}{'clients':>8}{'req/s':>9}{'tok/s':>10}{'p50 lat':>10}{'p95 lat':>10}{'p50 ttft':>10}{'p95 ttft':>10}{'errors':>8}"
+    )
     for result in results:
         rss = f"  (RSS {result.rss_before_mib} -> {result.rss_after_mib} MiB" if result.rss_after_mib else ""
         if result.prefill_share is not None:
@@ -347,17 +360,27 @@ def print_table(results: list[LevelResult], raw: list[dict]) -> None:
                     if mine.latency_p95 and result.latency_p95
                     else ""
                 )
-                print(f"  vs {peer:<38} {result.concurrency:>3} clients: tok/s {mine.tokens_per_second / result.tokens_per_second:.2f}x{latency}")
+                print(
+                    f"  vs {peer:<38} {result.concurrency:>3} clients: tok/s {mine.tokens_per_second / result.tokens_per_second:.2f}x{latency}"
+                )
     for entry in raw:
         mine = ours.get(entry["batch"])
-        print(f"  raw generate, batch {entry['batch']:>3}: {entry['tokens_per_second']:.1f} tok/s" + (
-            f"; ours at {entry['batch']} clients = {mine.tokens_per_second / entry['tokens_per_second']:.2f}x" if mine else ""
-        ))
+        print(
+            f"  raw generate, batch {entry['batch']:>3}: {entry['tokens_per_second']:.1f} tok/s"
+            + (
+                f"; ours at {entry['batch']} clients = {mine.tokens_per_second / entry['tokens_per_second']:.2f}x"
+                if mine
+                else ""
+            )
+        )
 
 
 def ensure_checkpoint(path: Path, size: str) -> Path:
     if not (path / "config.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(path), "--size", size], check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(path), "--size", size],
+            check=True,
+        )
     return path
 
 
@@ -374,8 +397,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos (exactly max_tokens)")
     parser.add_argument("--vs-transformers-serve", action="store_true", help="also run `transformers serve`")
     parser.add_argument("--continuous-batching", action="store_true", help="also run it with --continuous-batching")
-    parser.add_argument("--transformers-bin", default=str(Path(sys.executable).with_name("transformers")),
-                        help="the `transformers` CLI to start (it needs torchvision for Qwen2.5-VL)")
+    parser.add_argument(
+        "--transformers-bin",
+        default=str(Path(sys.executable).with_name("transformers")),
+        help="the `transformers` CLI to start (it needs torchvision for Qwen2.5-VL)",
+    )
     parser.add_argument("--raw", action="store_true", help="measure plain model.generate too")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results.json", help="where to write all results")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench-logs")
@@ -408,13 +434,24 @@ async def run(args: argparse.Namespace) -> int:
                 load = Load(model, args.max_tokens, args.image_every, args.ignore_eos)
                 result = await run_level(name, url, load, level, args.duration)
                 results.append(result)
-                print(f"{name:<40} {level:>3} clients: {result.tokens_per_second:8.1f} tok/s, {result.errors} errors", flush=True)
+                print(
+                    f"{name:<40} {level:>3} clients: {result.tokens_per_second:8.1f} tok/s, {result.errors} errors",
+                    flush=True,
+                )
     finally:
         for server in servers:
             server.stop()
     print_table(results, raw)
-    args.json.write_text(json.dumps({"levels": [asdict(r) for r in results], "raw_generate": raw, "args": {
-        k: str(v) for k, v in vars(args).items()}}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "levels": [asdict(r) for r in results],
+                "raw_generate": raw,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+        )
+    )
     print(f"\nresults written to {args.json}")
     return 0
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
-import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,10 +22,10 @@ from anyio import to_thread
 from backend.engine.generation import Failed, Finished, GenerationEvent, GenerationJob, TextDelta
 from backend.engine.loader import LoadedModel, load_model
 from backend.engine.prompt import ChatTurn, ModelInputs, PromptBuilder
-from backend.media.resize import PixelBounds
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler
 from backend.errors import ModelNotReadyError
+from backend.media.resize import PixelBounds
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -163,7 +163,9 @@ class SequenceState:
         self.next_position = 0
         self.first_token_at: float | None = None
         params = job.params
-        self._tracks_history = bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+        self._tracks_history = bool(
+            params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        )
 
     @property
     def params(self) -> SamplingParams:

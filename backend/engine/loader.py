@@ -167,9 +167,7 @@ def load_model(settings: Settings) -> LoadedModel:
         config = AutoConfig.from_pretrained(checkpoint)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{checkpoint} has no usable config.json: {exc}") from exc
-    is_multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(
-        config, "vision_config"
-    )
+    is_multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
 
     hardware = Hardware.detect()
     on_gpu = uses_cuda(settings.device_map, hardware)

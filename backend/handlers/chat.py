@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +14,10 @@ from backend.engine.generation import Finished
 from backend.engine.loader import GenerationDefaults
 from backend.engine.prompt import ChatTurn, ModelInputs
 from backend.engine.sampling import SamplingParams
-from backend.media.resize import PixelBounds
 from backend.errors import InvalidRequestError, ModelNotFoundError
-from backend.media import DecodedImage, ImageInput, ImageIntake
 from backend.handlers.streaming import DONE_EVENT, KEEPALIVE_COMMENT, error_event, sse_event
+from backend.media import DecodedImage, ImageInput, ImageIntake
+from backend.media.resize import PixelBounds
 from backend.protocol.chat import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -26,14 +25,12 @@ from backend.protocol.chat import (
     ChatCompletionResponse,
     ChatMessage,
     Choice,
-    GenerationOptions,
     ChunkChoice,
     ChunkDelta,
+    GenerationOptions,
 )
 from backend.protocol.common import Usage
 from backend.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 
 def check_model_name(requested: str | None, settings: Settings) -> None:
@@ -186,9 +183,7 @@ class ChatCompletionHandler:
         max_new = resolve_max_new_tokens(
             request.requested_max_tokens, inputs.prompt_tokens, loaded.max_model_len, self._settings
         )
-        choices = [
-            resolve_sampling(request, loaded.generation_defaults, max_new, index) for index in range(request.n)
-        ]
+        choices = [resolve_sampling(request, loaded.generation_defaults, max_new, index) for index in range(request.n)]
         return PreparedChat(
             request_id=f"{id_prefix}-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -320,7 +315,9 @@ class ContentChunks:
 
     def __init__(self, request_id: str, created: int, model: str) -> None:
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        self._prefix = "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        self._prefix = (
+            "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        )
 
     def chunk(self, index: int, text: str) -> str:
         """One `data:` event with `text` as choice `index`'s content delta."""

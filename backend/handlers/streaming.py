@@ -37,7 +37,9 @@ def error_event(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return sse_event({"error": exc.to_dict()})
     logger.error("error inside a stream", exc_info=exc)
-    return sse_event({"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": None}})
+    return sse_event(
+        {"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": None}}
+    )
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:

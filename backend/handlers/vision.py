@@ -112,7 +112,9 @@ class VisionHandler:
             form = await read_multipart(request, self._settings.max_request_bytes, self._settings.max_image_bytes)
             body = validate_body(form_to_body(form.fields))
             uploads = [upload for upload in form.files if upload.field_name in ("image", "images", "file")]
-            images += [ImageInput(f"image[{i}] ({upload.filename})", data=upload.data) for i, upload in enumerate(uploads)]
+            images += [
+                ImageInput(f"image[{i}] ({upload.filename})", data=upload.data) for i, upload in enumerate(uploads)
+            ]
         elif content_type in ("application/json", ""):
             body = validate_body(await request.body())
         else:

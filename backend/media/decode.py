@@ -29,7 +29,9 @@ def bytes_from_inline(value: str, source: str, max_bytes: int) -> bytes:
     match = _DATA_URI.match(value)
     if match:
         if not match.group("b64"):
-            raise InvalidImageError(f"The data: URI at {source} is not base64-encoded.", param=source, code="invalid_image")
+            raise InvalidImageError(
+                f"The data: URI at {source} is not base64-encoded.", param=source, code="invalid_image"
+            )
         mime = (match.group("mime") or "").lower()
         if mime and not mime.startswith("image/"):
             raise InvalidImageError(

@@ -95,7 +95,9 @@ class ImageFetcher:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidImageError(
-                f"The image URL at {source} must be http(s) with a host name.", param=source, code="image_url_not_allowed"
+                f"The image URL at {source} must be http(s) with a host name.",
+                param=source,
+                code="image_url_not_allowed",
             )
         host = parts.hostname
         if not self.policy.allows_host(host):
@@ -110,7 +112,9 @@ class ImageFetcher:
             )
         except socket.gaierror as exc:
             raise InvalidImageError(
-                f"The host {host} of the image URL at {source} does not resolve.", param=source, code="image_url_unreachable"
+                f"The host {host} of the image URL at {source} does not resolve.",
+                param=source,
+                code="image_url_unreachable",
             ) from exc
         addresses = [info[4][0] for info in infos]
         if not self.policy.allow_private_networks:

@@ -28,7 +28,9 @@ OPENAPI_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": VisionAnalyzeRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {
+                "schema": VisionAnalyzeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            },
             "multipart/form-data": {"schema": _FORM_SCHEMA},
         },
     }
@@ -42,7 +44,9 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413
     responses=ERROR_RESPONSES | {200: {"content": {"text/event-stream": {}}}},
     openapi_extra=OPENAPI_BODY,
 )
-async def analyze_image(request: Request, handler: VisionHandlerDep) -> VisionAnalyzeResponse | StreamingResponse | Response:
+async def analyze_image(
+    request: Request, handler: VisionHandlerDep
+) -> VisionAnalyzeResponse | StreamingResponse | Response:
     """Analyse images (tongue, face, herb, or general) and answer with the text, sizes, tokens and timings."""
     log = request_log(request)
     prepared = await unless_disconnected(request, handler.prepare(request), log)

@@ -27,7 +27,9 @@ def tokenizer(tiny_vl_dir):
 def expected_prompt_tokens(tokenizer, user_text, images=0, image_tokens=0):
     """Prompt tokens counted independently of the server: template, tokenizer, image placeholders."""
     content = [{"type": "image"}] * images + [{"type": "text", "text": user_text}]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + images * (image_tokens - 1)
 
 
@@ -188,7 +190,10 @@ async def test_prompt_plus_max_tokens_must_fit_the_context(client):
 
 
 async def test_bad_image_is_a_400_naming_the_part(client):
-    content = [{"type": "text", "text": "看"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    content = [
+        {"type": "text", "text": "看"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
     response, body = await post(client, chat(content))
     assert "messages[0].content[1]" in error_of(response, body, 400, "messages[0].content[1]", "invalid_image")
 

@@ -69,7 +69,9 @@ async def test_a_request_past_its_timeout_is_504_and_stops(app_client):
     assert response.json()["error"]["code"] == "request_timeout"
     streamed = parse_sse((await client.post(URL, json=chat(8000, ignore_eos=True, stream=True))).text)
     assert streamed[-2]["error"]["code"] == "request_timeout" and streamed[-1] == "[DONE]"
-    content_chunks = [e for e in streamed if isinstance(e, dict) and "choices" in e and e["choices"][0]["delta"].get("content")]
+    content_chunks = [
+        e for e in streamed if isinstance(e, dict) and "choices" in e and e["choices"][0]["delta"].get("content")
+    ]
     assert 0 < len(content_chunks) < 8000  # stopped at the deadline, not at max_tokens
     stats = (await client.get("/health")).json()
     assert stats["generation"]["failed"] == 2 and stats["scheduler"]["running"] == 0

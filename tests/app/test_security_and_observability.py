@@ -21,7 +21,9 @@ async def keyed(tiny_vl_dir):
     app = create_app(make_settings(tiny_vl_dir, api_key=KEYS, cors_origins="https://clinic.example"))
     async with LifespanManager(app, startup_timeout=60):
         await app.state.engine.wait_until_loaded()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
+        ) as client:
             yield client
 
 
@@ -56,7 +58,9 @@ async def test_cors_preflight_and_401_carry_cors_headers(keyed):
     assert preflight.headers["access-control-allow-origin"] == "https://clinic.example"
     refused = await keyed.post(CHAT, json=HELLO, headers=origin)
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://clinic.example"
-    other = await keyed.options(CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    other = await keyed.options(
+        CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in other.headers
 
 
@@ -122,7 +126,10 @@ async def test_metrics_follow_vllm_names_and_count_exactly(client):
             usage["completion_tokens"] if "generation" in name else usage["prompt_tokens"]
         )
     success = "vllm:request_success_total"
-    assert metric_value(after, success, finished_reason="length") - metric_value(before, success, finished_reason="length") == 1
+    assert (
+        metric_value(after, success, finished_reason="length") - metric_value(before, success, finished_reason="length")
+        == 1
+    )
     for histogram in (
         "vllm:time_to_first_token_seconds",
         "vllm:inter_token_latency_seconds",

@@ -70,7 +70,9 @@ async def test_image_request_streams(client):
 
 async def test_n_choices_stream_with_their_indexes(client):
     events = await stream(client, chat(max_tokens=3, n=2, seed=5, temperature=1.0))
-    finishes = [(c["index"], c["finish_reason"]) for chunk in chunks(events) for c in chunk["choices"] if c.get("finish_reason")]
+    finishes = [
+        (c["index"], c["finish_reason"]) for chunk in chunks(events) for c in chunk["choices"] if c.get("finish_reason")
+    ]
     assert finishes == [(0, "length"), (1, "length")]
 
 
@@ -145,7 +147,11 @@ async def test_keepalives_are_sent_while_a_request_waits_in_the_queue(tiny_vl_di
                 await asyncio.sleep(0.01)
             waiting = await stream(http, chat(max_tokens=3))
             await busy
-    first_content = next(i for i, e in enumerate(waiting) if isinstance(e, dict) and e["choices"][0]["delta"].get("content") is not None and i > 0)
+    first_content = next(
+        i
+        for i, e in enumerate(waiting)
+        if isinstance(e, dict) and e["choices"][0]["delta"].get("content") is not None and i > 0
+    )
     keepalives = [i for i, event in enumerate(waiting) if event == ": keep-alive"]
     assert waiting[0]["choices"][0]["delta"]["role"] == "assistant"  # headers and role went out at once
     assert keepalives and keepalives[0] < first_content

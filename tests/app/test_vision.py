@@ -83,18 +83,28 @@ async def test_bad_uploads_are_4xx_naming_the_image(client, make, status, code):
 async def test_the_same_cases_through_the_chat_route(client):
     def chat_with(data_uri):
         content = [{"type": "text", "text": "看"}, {"type": "image_url", "image_url": {"url": data_uri}}]
-        return client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        return client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        )
 
-    expect_error(await chat_with(images.as_data_uri(images.png_bomb())), 413, "image_too_large", "messages[0].content[1]")
-    expect_error(await chat_with(images.as_data_uri(images.truncated_jpeg())), 400, "invalid_image", "messages[0].content[1]")
+    expect_error(
+        await chat_with(images.as_data_uri(images.png_bomb())), 413, "image_too_large", "messages[0].content[1]"
+    )
+    expect_error(
+        await chat_with(images.as_data_uri(images.truncated_jpeg())), 400, "invalid_image", "messages[0].content[1]"
+    )
     expect_error(await chat_with("https://example.com/t.jpg"), 400, "image_url_not_allowed")
     assert (await chat_with(images.as_data_uri(images.png(1, 1)))).status_code == 200
     assert (await chat_with(images.as_data_uri(images.png(500, 19)))).status_code == 200
 
 
 async def test_json_body_with_images_and_a_task(client):
-    body = {"image": [images.as_data_uri(images.jpeg()), images.as_data_uri(images.png(100, 100))], "task": "herb",
-            "max_tokens": 2, "temperature": 0}
+    body = {
+        "image": [images.as_data_uri(images.jpeg()), images.as_data_uri(images.png(100, 100))],
+        "task": "herb",
+        "max_tokens": 2,
+        "temperature": 0,
+    }
     response = await client.post(URL, json=body)
     assert response.status_code == 200, response.text
     result = response.json()
@@ -136,11 +146,15 @@ async def test_a_request_may_lower_max_pixels_but_not_raise_it(client):
 async def test_form_fields_are_typed_and_validated(client):
     expect_error(await upload(client, images.jpeg(), max_tokens="lots"), 400, param_contains="max_tokens")
     expect_error(await upload(client, images.jpeg(), task="palm"), 400, param_contains="task")
-    expect_error(await client.post(URL, data={"prompt": "no image"}, files={"other": ("a.txt", b"x")}), 400, "image_required")
+    expect_error(
+        await client.post(URL, data={"prompt": "no image"}, files={"other": ("a.txt", b"x")}), 400, "image_required"
+    )
     expect_error(await client.post(URL, json={"prompt": "no image"}), 400, "image_required", "image")
     expect_error(await client.post(URL, content=b"hello", headers={"content-type": "text/plain"}), 415)
     expect_error(await client.post(URL, content=b"{bad json", headers={"content-type": "application/json"}), 400)
-    expect_error(await client.post(URL, json={"image": images.as_data_uri(images.jpeg()), "n": 2}), 400, param_contains="n")
+    expect_error(
+        await client.post(URL, json={"image": images.as_data_uri(images.jpeg()), "n": 2}), 400, param_contains="n"
+    )
 
 
 async def test_streaming_analysis_uses_the_chat_chunks_and_ends_with_the_disclaimer(client, vl_settings):
@@ -236,7 +250,10 @@ async def test_allowed_urls_are_fetched_and_redirects_are_checked(tiny_vl_dir, i
     try:
         fetched = await json_image(client, f"{base}/tongue.png")
         assert fetched.status_code == 200, fetched.text
-        assert (fetched.json()["images"][0]["original_width"], fetched.json()["images"][0]["original_height"]) == (80, 60)
+        assert (fetched.json()["images"][0]["original_width"], fetched.json()["images"][0]["original_height"]) == (
+            80,
+            60,
+        )
         assert (await json_image(client, f"{base}/redirect-on")).status_code == 200
         message = expect_error(await json_image(client, f"{base}/redirect-off"), 400, "image_url_not_allowed")
         assert "127.0.0.1" in message
@@ -246,7 +263,9 @@ async def test_allowed_urls_are_fetched_and_redirects_are_checked(tiny_vl_dir, i
         expect_error(await upload(client, images.random_bytes(250_000)), 413, "image_too_large")
         three = {"image": [images.as_data_uri(images.png())] * 3}
         expect_error(await client.post(URL, json=three), 400, "too_many_images")
-        big_form = await client.post(URL, files=[("image", (f"{i}.png", images.random_bytes(150_000))) for i in range(3)])
+        big_form = await client.post(
+            URL, files=[("image", (f"{i}.png", images.random_bytes(150_000))) for i in range(3)]
+        )
         expect_error(big_form, 413, "request_too_large")
         assert (await upload(client, images.jpeg())).status_code == 200
     finally:

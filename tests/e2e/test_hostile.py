@@ -70,9 +70,30 @@ CASES = [
     ("tool role", CHAT, messages({"role": "tool", "content": "x"}), {}, 400, "messages[0].role"),
     ("unknown role", CHAT, messages({"role": "wizard", "content": "x"}), {}, 400, "messages[0].role"),
     ("content is a number", CHAT, messages({"role": "user", "content": 42}), {}, 400, "messages[0].content"),
-    ("unknown part type", CHAT, messages({"role": "user", "content": [{"type": "audio"}]}), {}, 400, "messages[0].content[0]"),
-    ("text part without text", CHAT, messages({"role": "user", "content": [{"type": "text"}]}), {}, 400, "messages[0].content[0]"),
-    ("image part without url", CHAT, messages({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}), {}, 400, "messages[0].content[0]"),
+    (
+        "unknown part type",
+        CHAT,
+        messages({"role": "user", "content": [{"type": "audio"}]}),
+        {},
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        "text part without text",
+        CHAT,
+        messages({"role": "user", "content": [{"type": "text"}]}),
+        {},
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        "image part without url",
+        CHAT,
+        messages({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}),
+        {},
+        400,
+        "messages[0].content[0]",
+    ),
     ("negative max_tokens", CHAT, body(max_tokens=-1), {}, 400, "max_tokens"),
     ("zero max_tokens", CHAT, body(max_tokens=0), {}, 400, "max_tokens"),
     ("float max_tokens", CHAT, body(max_tokens=5.5), {}, 400, "max_tokens"),
@@ -94,14 +115,49 @@ CASES = [
     ("10,000 messages", CHAT, json.dumps({"messages": OK_MESSAGE * 10_000}).encode(), {}, 400, "too_many_messages"),
     ("1 MB of text", CHAT, messages({"role": "user", "content": "舌" * 350_000}), {}, 400, "context_length_exceeded"),
     ("invalid UTF-8", CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe bad"}]}', {}, 400, None),
-    ("image in a system message", CHAT, messages(image_message(images.as_data_uri(images.png()), "system"), *OK_MESSAGE), {}, 400, "messages[0].content[1]"),
+    (
+        "image in a system message",
+        CHAT,
+        messages(image_message(images.as_data_uri(images.png()), "system"), *OK_MESSAGE),
+        {},
+        400,
+        "messages[0].content[1]",
+    ),
     ("bad base64", CHAT, messages(image_message("data:image/png;base64,@@@@")), {}, 400, "messages[0].content[1]"),
-    ("not an image", CHAT, messages(image_message(images.as_data_uri(images.random_bytes()))), {}, 400, "invalid_image"),
-    ("decompression bomb", CHAT, messages(image_message(images.as_data_uri(images.png_bomb()))), {}, 413, "image_too_large"),
+    (
+        "not an image",
+        CHAT,
+        messages(image_message(images.as_data_uri(images.random_bytes()))),
+        {},
+        400,
+        "invalid_image",
+    ),
+    (
+        "decompression bomb",
+        CHAT,
+        messages(image_message(images.as_data_uri(images.png_bomb()))),
+        {},
+        413,
+        "image_too_large",
+    ),
     ("file URL", CHAT, messages(image_message("file:///etc/passwd")), {}, 400, "unsupported_image_source"),
-    ("web URL without allowlist", CHAT, messages(image_message("http://169.254.169.254/latest")), {}, 400, "image_url_not_allowed"),
+    (
+        "web URL without allowlist",
+        CHAT,
+        messages(image_message("http://169.254.169.254/latest")),
+        {},
+        400,
+        "image_url_not_allowed",
+    ),
     ("reserved token in text", CHAT, messages({"role": "user", "content": "<|image_pad|>"}), {}, 400, "reserved_token"),
-    ("duplicate keys (last wins: empty)", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "messages": []}', {}, 400, "messages"),
+    (
+        "duplicate keys (last wins: empty)",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "hi"}], "messages": []}',
+        {},
+        400,
+        "messages",
+    ),
     ("tools", CHAT, body(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400, "tools"),
     ("unknown model", CHAT, body(model="gpt-5"), {}, 404, "model_not_found"),
     ("text/plain body", CHAT, body(), {"Content-Type": "text/plain"}, 400, None),
@@ -122,7 +178,9 @@ def check_envelope(response: httpx.Response, status: int, fragment: str | None) 
         assert fragment in (error["param"] or "") or fragment == error["code"], error
 
 
-@pytest.mark.parametrize(("name", "path", "raw", "headers", "status", "fragment"), CASES, ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("name", "path", "raw", "headers", "status", "fragment"), CASES, ids=[case[0] for case in CASES]
+)
 def test_hostile_request(server, name, path, raw, headers, status, fragment):
     sent = {"Content-Type": "application/json", **AUTH, **headers}
     sent = {key: value for key, value in sent.items() if value}
@@ -166,7 +224,9 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
         for _ in range(40):
             yield b"a" * 2**20
 
-    response = httpx.post(server.url + CHAT, content=forty_megabytes(), headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        server.url + CHAT, content=forty_megabytes(), headers={**AUTH, "Content-Type": "application/json"}, timeout=60
+    )
     check_envelope(response, 413, "request_too_large")
 
 
@@ -224,7 +284,9 @@ def test_clients_that_disconnect_at_random(server):
 
 def test_afterwards_the_server_is_healthy_and_memory_is_back(server):
     for _ in range(3):
-        response = httpx.post(server.url + CHAT, json={"messages": OK_MESSAGE, "max_tokens": 4}, headers=AUTH, timeout=60)
+        response = httpx.post(
+            server.url + CHAT, json={"messages": OK_MESSAGE, "max_tokens": 4}, headers=AUTH, timeout=60
+        )
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
     assert rss(server) < server.baseline_rss * 1.25 + 64 * 2**20
     log = server.log()

@@ -68,9 +68,21 @@ def test_openai_client_sees_openai_errors(client):
 def test_curl(server_url):
     body = json.dumps({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0})
     result = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code}", f"{server_url}/v1/chat/completions",
-         "-H", "Content-Type: application/json", "-d", body],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "curl",
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            f"{server_url}/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     payload, status = result.stdout.rsplit("\n", 1)
     assert status == "200"
@@ -86,9 +98,21 @@ def test_curl_uploads_a_photo_to_vision_analyze(server_url, tmp_path):
     photo = tmp_path / "tongue.jpg"
     photo.write_bytes(images.jpeg(640, 480))
     result = subprocess.run(
-        ["curl", "-sS", "-F", f"image=@{photo}", "-F", "task=tongue", "-F", "max_tokens=8",
-         f"{server_url}/v1/vision/analyze"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "curl",
+            "-sS",
+            "-F",
+            f"image=@{photo}",
+            "-F",
+            "task=tongue",
+            "-F",
+            "max_tokens=8",
+            f"{server_url}/v1/vision/analyze",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     body = json.loads(result.stdout)
     assert body["task"] == "tongue" and body["usage"]["completion_tokens"] <= 8

@@ -8,25 +8,13 @@ import torch
 from PIL import Image
 
 from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta
-from backend.engine.loader import load_model
 from backend.engine.prompt import ChatTurn, PromptBuilder
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, generate_alone
 from backend.errors import QueueFullError, RequestTimeoutError
 from backend.media.resize import PixelBounds
-from tests.conftest import make_settings
 
 BOUNDS = PixelBounds(56 * 56, 360 * 420)
-
-
-@pytest.fixture(scope="module")
-def vl(tiny_vl_dir):
-    return load_model(make_settings(tiny_vl_dir))
-
-
-@pytest.fixture(scope="module")
-def text_only(tiny_text_dir):
-    return load_model(make_settings(tiny_text_dir))
 
 
 def inputs_for(loaded, *parts):
@@ -123,12 +111,15 @@ def test_mixed_sampling_lengths_and_stops_in_one_batch(vl):
 
 def test_a_short_answer_leaves_the_batch_at_once(vl):
     text = inputs_for(vl, PROMPTS[0])
-    (long_job, long_events), (short_job, short_events) = job(text, "long", max_new_tokens=40, ignore_eos=True), job(
-        text, "short", max_new_tokens=2, ignore_eos=True
+    (long_job, long_events), (short_job, short_events) = (
+        job(text, "long", max_new_tokens=40, ignore_eos=True),
+        job(text, "short", max_new_tokens=2, ignore_eos=True),
     )
     together(vl, [long_job, short_job])
     short_finished_at = short_events.events[-1][0]
-    long_tokens_before = sum(1 for order, e in long_events.events if isinstance(e, TextDelta) and order < short_finished_at)
+    long_tokens_before = sum(
+        1 for order, e in long_events.events if isinstance(e, TextDelta) and order < short_finished_at
+    )
     assert long_tokens_before <= 3  # the short one was answered after ~2 steps, not after 40
     assert long_events.last.completion_tokens == 40
 
@@ -202,7 +193,10 @@ def test_deadlines_stop_running_and_queued_jobs(vl):
 def test_one_bad_row_does_not_break_the_batch(vl):
     text = inputs_for(vl, "hi")
     expected = alone(vl, text, max_new_tokens=8).text
-    (healthy, healthy_events), (broken, broken_events) = job(text, "ok", max_new_tokens=8), job(text, "bad", max_new_tokens=8)
+    (healthy, healthy_events), (broken, broken_events) = (
+        job(text, "ok", max_new_tokens=8),
+        job(text, "bad", max_new_tokens=8),
+    )
     scheduler = Scheduler(vl, 8, 1 << 20, 10)
     scheduler.submit(healthy)
     scheduler.submit(broken)

@@ -5,26 +5,14 @@ import torch
 from PIL import Image
 
 from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta
-from backend.engine.scheduler import generate_alone as run_generation
-from backend.engine.loader import load_model
 from backend.engine.prompt import ChatTurn, PromptBuilder
-from backend.media.resize import PixelBounds
 from backend.engine.sampling import SamplingParams
+from backend.engine.scheduler import generate_alone as run_generation
 from backend.errors import InvalidRequestError, ModelOutputError, OutOfMemoryError
-from tests.conftest import make_settings
+from backend.media.resize import PixelBounds
 from tests.helpers import LmHeadHook
 
 BOUNDS = PixelBounds(56 * 56, 360 * 420)
-
-
-@pytest.fixture(scope="module")
-def vl(tiny_vl_dir):
-    return load_model(make_settings(tiny_vl_dir))
-
-
-@pytest.fixture(scope="module")
-def text_only(tiny_text_dir):
-    return load_model(make_settings(tiny_text_dir))
 
 
 def builder(loaded):
@@ -33,7 +21,9 @@ def builder(loaded):
 
 def run(loaded, inputs, **sampling):
     events = []
-    job = GenerationJob("test", inputs, SamplingParams(**{"max_new_tokens": 12, "temperature": 0.0, **sampling}), events.append)
+    job = GenerationJob(
+        "test", inputs, SamplingParams(**{"max_new_tokens": 12, "temperature": 0.0, **sampling}), events.append
+    )
     run_generation(loaded, job)
     return events, job
 

@@ -2,9 +2,8 @@
 
 import hashlib
 
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
 import make_tiny_model
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 
 def digest(folder):

@@ -64,5 +64,7 @@ def test_a_seed_reproduces_samples_and_leaves_the_global_rng_alone():
     second = [choose_token(logits.clone(), EMPTY, EMPTY, params(), make_generator(42, torch.device("cpu")))]
     assert torch.rand(1) == expected_global
     assert first == second
-    draws = {choose_token(logits.clone(), EMPTY, EMPTY, params(), make_generator(s, torch.device("cpu"))) for s in range(20)}
+    draws = {
+        choose_token(logits.clone(), EMPTY, EMPTY, params(), make_generator(s, torch.device("cpu"))) for s in range(20)
+    }
     assert len(draws) > 10
