@@ -29,6 +29,7 @@ def main() -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep the formatting configured above
+        access_log=False,  # the request-context middleware writes one richer line per request
         # On SIGTERM uvicorn stops accepting, lets running requests finish for this long, then the
         # lifespan's shutdown aborts what is left.
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,

@@ -51,5 +51,3 @@ def configure_logging(level: str, log_format: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # The access middleware writes one richer line per request; uvicorn's own access line would repeat it.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
