@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import RedirectResponse
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from backend.engine.engine import Engine
 from backend.errors import install_error_handlers
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def warn_about_exposure(settings: Settings) -> None:
@@ -97,8 +100,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(vision.router)
 
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    async def web_page() -> FileResponse:
+        """The web chat (backend/static): same origin as the API, so it works through the pod's proxy."""
+        return FileResponse(STATIC_DIR / "index.html")
 
     return app

@@ -28,8 +28,10 @@ async def keyed(tiny_vl_dir):
 
 
 async def test_open_routes_need_no_key(keyed):
-    for path in ("/health", "/ping", "/metrics"):
+    for path in ("/health", "/ping", "/metrics", "/", "/static/app.js", "/static/style.css"):
         assert (await keyed.get(path)).status_code == 200, path
+    page = await keyed.get("/")
+    assert page.headers["content-type"].startswith("text/html") and "时珍GPT" in page.text
 
 
 @pytest.mark.parametrize(

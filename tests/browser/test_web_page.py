@@ -1,0 +1,188 @@
+"""The web chat page in real headless Chromium against a real server with the tiny model.
+
+Screenshots land in test-artifacts/ (desktop and phone sizes) to be looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from tests import images
+from tests.conftest import ROOT
+from tests.e2e.conftest import running_server
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+ARTIFACTS = ROOT / "test-artifacts"
+DISCLAIMER_START = "提示：以上内容由AI生成"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vl_dir, tmp_path_factory):
+    with running_server(tiny_vl_dir, tmp_path_factory.mktemp("web"), DEFAULT_MAX_TOKENS="40") as running:
+        yield running
+
+
+def open_page(browser, url, width=1200, height=800):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(url)
+    page.wait_for_selector("#status-dot.ready", timeout=30_000)
+    return page
+
+
+def ask(page, text):
+    page.fill("#prompt", text)
+    page.keyboard.press("Enter")
+
+
+def stats(server):
+    return httpx.get(f"{server.url}/health", timeout=10).json()["generation"]
+
+
+def test_a_question_gets_a_streamed_answer(browser, server):
+    page = open_page(browser, server.url + "/")
+    assert page.inner_text("#model-name") == "tiny"
+    before = stats(server)
+    with page.expect_response("**/v1/chat/completions") as answer:
+        ask(page, "舌苔黄腻是什么意思？")
+    assert answer.value.headers["content-type"].startswith("text/event-stream")
+    page.wait_for_selector(".msg.assistant[data-done=complete]", timeout=60_000)
+    assert page.inner_text(".msg.user") == "舌苔黄腻是什么意思？"
+    assert page.inner_text(".msg.assistant .body").strip()
+    after = stats(server)
+    assert sum(after["finished"].values()) == sum(before["finished"].values()) + 1
+    ask(page, "再详细一点")  # a second turn carries the history
+    page.wait_for_selector(".msg.assistant[data-done=complete] >> nth=1", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "chat-desktop.png"), full_page=True)
+    assert page.errors == []
+    page.close()
+
+
+def test_an_image_with_the_tongue_preset_gets_an_analysis(browser, server, tmp_path):
+    photo = tmp_path / "tongue.jpg"
+    photo.write_bytes(images.jpeg(640, 480))
+    page = open_page(browser, server.url + "/")
+    page.set_input_files("#file-input", [str(photo), str(photo)])
+    expect = sync_api.expect
+    expect(page.locator(".preview")).to_have_count(2)  # read asynchronously, then shown
+    page.click(".preview button >> nth=0")  # remove one
+    expect(page.locator(".preview")).to_have_count(1)
+    page.click("button[data-task=tongue]")
+    assert page.get_attribute("button[data-task=tongue]", "aria-pressed") == "true"
+    with page.expect_request("**/v1/vision/analyze"):
+        page.click("#send")
+    page.wait_for_selector(".msg.assistant[data-done=complete]", timeout=60_000)
+    assert DISCLAIMER_START in page.inner_text(".msg.assistant .body")
+    assert page.locator(".msg.user img").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "analysis-desktop.png"), full_page=True)
+    page.close()
+
+
+def test_stop_aborts_the_generation_on_the_server(browser, server):
+    page = open_page(browser, server.url + "/")
+
+    def long_answer(route):
+        body = json.loads(route.request.post_data)
+        route.continue_(post_data=json.dumps({**body, "max_tokens": 6000, "ignore_eos": True}))
+
+    page.route("**/v1/chat/completions", long_answer)
+    aborted_before = stats(server)["finished"]["abort"]
+    ask(page, "请详细介绍中医的舌诊")
+    page.wait_for_function("document.querySelector('.msg.assistant .body')?.textContent.length > 20", timeout=60_000)
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-done=stopped]", timeout=30_000)
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+    for _ in range(100):
+        after = stats(server)
+        if after["finished"]["abort"] > aborted_before:
+            break
+        page.wait_for_timeout(100)
+    assert after["finished"]["abort"] == aborted_before + 1
+    assert 0 < after["last_aborted_tokens"] < 6000
+    page.close()
+
+
+def test_an_answer_with_html_is_shown_as_text(browser, server):
+    page = open_page(browser, server.url + "/")
+    hostile = '<img src=x onerror="window.__xss=1"> **粗体** <script>window.__xss=2</script>\n- 一\n- 二'
+    chunks = [hostile[:10], hostile[10:25], hostile[25:]]
+    sse = (
+        "".join(
+            "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]}, ensure_ascii=False) + "\n\n"
+            for piece in chunks
+        )
+        + "data: [DONE]\n\n"
+    )
+    page.route(
+        "**/v1/chat/completions", lambda route: route.fulfill(status=200, body=sse, content_type="text/event-stream")
+    )
+    ask(page, "hi")
+    page.wait_for_selector(".msg.assistant[data-done=complete]", timeout=30_000)
+    body = page.locator(".msg.assistant .body")
+    assert body.locator("img, script").count() == 0
+    assert '<img src=x onerror="window.__xss=1">' in body.inner_text()
+    assert body.locator("strong").inner_text() == "粗体" and body.locator("li").count() == 2
+    assert page.evaluate("window.__xss") is None
+    page.close()
+
+
+def test_a_wrong_api_key_shows_the_error_and_a_right_one_works(browser, tiny_vl_dir, tmp_path):
+    with running_server(tiny_vl_dir, tmp_path, API_KEY="sk-right-key", DEFAULT_MAX_TOKENS="8") as keyed:
+        page = open_page(browser, keyed.url + "/")
+        ask(page, "你好")
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert "API" in page.inner_text("#error") and page.is_visible("#key-panel")
+        assert page.input_value("#prompt") == "你好"  # the question is back, to send again
+        assert page.locator(".msg").count() == 0
+        page.fill("#key-input", "sk-wrong-key")
+        page.click("#key-save")
+        ask(page, "你好")
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert "API" in page.inner_text("#error")
+        page.screenshot(path=str(ARTIFACTS / "wrong-key.png"))
+        page.fill("#key-input", "sk-right-key")
+        page.click("#key-save")
+        ask(page, "你好")
+        page.wait_for_selector(".msg.assistant[data-done=complete]", timeout=60_000)
+        assert page.is_hidden("#error")
+        assert page.evaluate("localStorage.getItem('shizhen.apiKey')") == "sk-right-key"
+        page.close()
+
+
+def test_english_toggle_and_phone_layout(browser, server):
+    page = open_page(browser, server.url + "/", width=390, height=844)
+    assert page.inner_text("#send") == "发送"
+    page.click("#lang-button")
+    assert page.inner_text("#send") == "Send" and page.inner_text("#status-text") == "Ready"
+    ask(page, "What is a tongue coating?")
+    page.wait_for_selector(".msg.assistant[data-done=complete]", timeout=60_000)
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # nothing wider than the phone
+    page.screenshot(path=str(ARTIFACTS / "chat-phone.png"))
+    page.close()
