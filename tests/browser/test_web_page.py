@@ -186,3 +186,53 @@ def test_english_toggle_and_phone_layout(browser, server):
     assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # nothing wider than the phone
     page.screenshot(path=str(ARTIFACTS / "chat-phone.png"))
     page.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (413, {}, "图片或请求太大"),
+        (429, {"Retry-After": "7"}, "7 秒后重试"),
+        (503, {}, "模型暂不可用"),
+        (None, {}, "网络错误"),
+    ],
+)
+def test_failures_get_clear_messages(browser, server, status, headers, expected):
+    page = open_page(browser, server.url + "/")
+
+    def answer(route):
+        if status is None:
+            route.abort("connectionrefused")
+            return
+        body = json.dumps({"error": {"message": "x", "type": "t", "param": None, "code": None}})
+        route.fulfill(status=status, body=body, headers=headers, content_type="application/json")
+
+    page.route("**/v1/chat/completions", answer)
+    ask(page, "你好")
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert expected in page.inner_text("#error")
+    assert page.input_value("#prompt") == "你好"
+    page.close()
+
+
+def test_images_can_be_dropped_and_pasted(browser, server):
+    page = open_page(browser, server.url + "/")
+    make_file = """async (name) => {
+        const canvas = document.createElement('canvas'); canvas.width = 40; canvas.height = 30;
+        canvas.getContext('2d').fillRect(0, 0, 40, 30);
+        const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+        const data = new DataTransfer(); data.items.add(new File([blob], name, {type: 'image/png'}));
+        return data;
+    }"""
+    dropped = page.evaluate_handle(make_file, "dropped.png")
+    page.dispatch_event("#composer", "drop", {"dataTransfer": dropped})
+    sync_api.expect(page.locator(".preview")).to_have_count(1)
+    page.evaluate(
+        f"""async () => {{
+            const data = await ({make_file})('pasted.png');
+            document.getElementById('prompt').dispatchEvent(new ClipboardEvent('paste', {{clipboardData: data, bubbles: true}}));
+        }}"""
+    )
+    sync_api.expect(page.locator(".preview")).to_have_count(2)
+    assert page.get_attribute(".preview >> nth=1 >> img", "alt") == "pasted.png"
+    page.close()
