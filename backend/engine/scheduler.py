@@ -154,6 +154,8 @@ class Scheduler:
         now = time.perf_counter()
         live = []
         for job in jobs:
+            if self._stopping:  # admitted just as shutdown began: stop() may not have seen it
+                job.cancelled.set()
             if job.cancelled.is_set() or job.expired(now):
                 self._answer_without_running(job)
             else:
@@ -237,7 +239,7 @@ class Scheduler:
                 row.fail(exc)
                 ended.append(index)
                 continue
-            if reason is None and row.job.cancelled.is_set():
+            if reason is None and (row.job.cancelled.is_set() or self._stopping):
                 reason = "abort"
             if reason is None and row.job.expired(now):
                 row.fail(timeout_error(row.job))

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Run the ShizhenGPT server on a RunPod pod, with the model cached on the persistent volume.
+#
+#   ./deploy_runpod.sh                 setup, download, start
+#   ./deploy_runpod.sh setup           venv on the volume (reuses the image's CUDA torch); idempotent
+#   ./deploy_runpod.sh download        fetch MODEL_ID into $HF_HOME with resume and retries; verify the files
+#   ./deploy_runpod.sh start           checks, then the server in the background; waits for /health
+#   ./deploy_runpod.sh stop | restart | status | logs [-f]
+#
+# Configured by the server's environment variables (see .env.example), read from the environment and from
+# $WORKSPACE/.env (the environment wins). Script-only: WORKSPACE (/workspace), VENV ($WORKSPACE/venv),
+# MODEL_DISK_GB and MODEL_VRAM_GB (what the model needs; estimated from MODEL_ID when unset), HF_TOKEN.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+WORKSPACE="${WORKSPACE:-/workspace}"
+
+load_env_file() {
+  local file="$1" line key value
+  [[ -f "$file" ]] || return 0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    [[ "$line" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
+    key="${BASH_REMATCH[1]}"
+    value="${BASH_REMATCH[2]}"
+    if [[ -z "${!key+set}" ]]; then
+      export "$key=$value"
+    fi
+  done < "$file"
+}
+load_env_file "$WORKSPACE/.env"
+
+export MODEL_ID="${MODEL_ID:-FreedomIntelligence/ShizhenGPT-32B-VL}"
+export HF_HOME="${HF_HOME:-$WORKSPACE/models}"
+export HOST="${HOST:-0.0.0.0}"
+export PORT="${PORT:-8000}"
+VENV="${VENV:-$WORKSPACE/venv}"
+STATE_DIR="$WORKSPACE/shizhen"
+PID_FILE="$STATE_DIR/server.pid"
+LOG_FILE="$STATE_DIR/server.log"
+PYTHON="$VENV/bin/python"
+
+say() { printf '==> %s\n' "$*"; }
+fail() {
+  printf 'ERROR: %s\n' "$1" >&2
+  [[ -n "${2:-}" ]] && printf '       What to do: %s\n' "$2" >&2
+  exit 1
+}
+
+# What the model needs, in GB (weights on disk; VRAM with room for activations).
+model_needs() {
+  local disk vram
+  case "$MODEL_ID" in
+    *32B* | *32b*) disk=66 vram=70 ;;
+    *7B* | *7b*) disk=17 vram=20 ;;
+    *) disk=1 vram=1 ;;
+  esac
+  if [[ -d "$MODEL_ID" ]]; then
+    disk=$(($(du -sk "$MODEL_ID" | cut -f1) / 1048576 + 1))
+  fi
+  echo "${MODEL_DISK_GB:-$disk} ${MODEL_VRAM_GB:-$vram}"
+}
+
+server_pid() {
+  [[ -f "$PID_FILE" ]] || return 1
+  local pid
+  pid="$(cat "$PID_FILE")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  echo "$pid"
+}
+
+health() { curl -s --max-time 5 "http://127.0.0.1:$PORT/health"; }
+
+public_url() {
+  if [[ -n "${RUNPOD_POD_ID:-}" ]]; then
+    echo "https://${RUNPOD_POD_ID}-${PORT}.proxy.runpod.net"
+  else
+    echo "http://127.0.0.1:$PORT"
+  fi
+}
+
+cmd_setup() {
+  [[ -d "$WORKSPACE" ]] || fail "$WORKSPACE does not exist." "Attach a volume mounted at /workspace, or set WORKSPACE."
+  say "setting up $VENV"
+  # The image's CUDA torch is reused (system site packages); only what is missing is installed.
+  VENV="$VENV" SYSTEM_SITE_PACKAGES=1 bash "$ROOT/scripts/bootstrap.sh"
+  command -v curl >/dev/null || fail "curl is missing." "apt-get install -y curl"
+}
+
+check_volume() {
+  local need_disk="$1" free_gb
+  mkdir -p "$HF_HOME"
+  local home volume
+  home="$(cd "$HF_HOME" && pwd -P)"
+  volume="$(cd "$WORKSPACE" && pwd -P)"
+  [[ "$home/" == "$volume/"* ]] ||
+    fail "HF_HOME=$HF_HOME is not on the volume $WORKSPACE: the model would be lost at every stop." \
+      "Set HF_HOME=$WORKSPACE/models."
+  free_gb=$(($(df -Pk "$HF_HOME" | awk 'NR==2 {print $4}') / 1048576))
+  if ((free_gb < need_disk + 5)); then
+    fail "$WORKSPACE has ${free_gb} GB free; the model needs ${need_disk} GB plus 5 GB of margin." \
+      "Grow the volume (pod settings) or remove old models from $HF_HOME."
+  fi
+}
+
+cmd_download() {
+  read -r need_disk _ <<<"$(model_needs)"
+  [[ -d "$MODEL_ID" ]] || check_volume "$need_disk"
+  say "fetching $MODEL_ID"
+  "$PYTHON" "$ROOT/scripts/fetch_model.py" || fail "the model is not complete." \
+    "Run ./deploy_runpod.sh download again (it resumes); for gated models set HF_TOKEN."
+}
+
+check_gpu() {
+  local need_vram="$1" line name total used free
+  command -v nvidia-smi >/dev/null || fail "no GPU: nvidia-smi is not found." "Start the pod with a GPU (A100 80GB for the 32B model)."
+  line="$(nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits | head -n 1)" ||
+    fail "nvidia-smi cannot read the GPU." "Restart the pod; if it persists, recreate it on another host."
+  IFS=',' read -r name total used <<<"$line"
+  free=$(((${total// /} - ${used// /}) / 1024))
+  say "GPU: ${name# } with $((${total// /} / 1024)) GB, ${free} GB free"
+  if ((free < need_vram)); then
+    fail "the GPU has ${free} GB free; $MODEL_ID needs about ${need_vram} GB." \
+      "Use an 80 GB card (A100/H100), stop other GPU processes, or serve a smaller model (ShizhenGPT-7B-VL)."
+  fi
+}
+
+check_port() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+    fail "port $PORT is already in use." "Stop what listens there (./deploy_runpod.sh stop) or set PORT."
+  fi
+}
+
+cmd_start() {
+  if pid="$(server_pid)"; then
+    say "already running (pid $pid)"
+    return 0
+  fi
+  read -r _ need_vram <<<"$(model_needs)"
+  check_gpu "$need_vram"
+  check_port
+  [[ -x "$PYTHON" ]] || fail "$VENV is not set up." "Run ./deploy_runpod.sh setup"
+  mkdir -p "$STATE_DIR"
+  if [[ -z "${API_KEY:-}" ]]; then
+    say "WARNING: API_KEY is not set: anyone with the proxy URL can use this GPU."
+  fi
+  say "starting the server (log: $LOG_FILE)"
+  (
+    cd "$ROOT" || exit 1
+    # Only the server goes to the background (so $! is its pid), detached from this terminal's output.
+    nohup "$PYTHON" -m backend >>"$LOG_FILE" 2>&1 </dev/null &
+    echo $! >"$PID_FILE"
+  )
+  local deadline=$((SECONDS + ${START_TIMEOUT:-1800})) status=""
+  while ((SECONDS < deadline)); do
+    server_pid >/dev/null || {
+      tail -n 30 "$LOG_FILE" >&2
+      fail "the server exited while starting (log above)." "Fix the cause shown, then ./deploy_runpod.sh start"
+    }
+    status="$(health | sed -n 's/.*"status":"\([a-z]*\)".*/\1/p' || true)"  # not listening yet: keep waiting
+    [[ "$status" == ready ]] && break
+    [[ "$status" == error ]] && fail "the model failed to load: $(health || true)" "See $LOG_FILE"
+    sleep 2
+  done
+  [[ "$status" == ready ]] || fail "the server did not become ready in time." "See $LOG_FILE"
+  local url
+  url="$(public_url)"
+  say "ready: $url"
+  local auth=""
+  # shellcheck disable=SC2016 # printed for the user's shell to expand: the key itself is never shown
+  [[ -n "${API_KEY:-}" ]] && auth='-H "Authorization: Bearer $API_KEY" '
+  cat <<EOF
+
+Try it:
+  curl $url/v1/chat/completions -H 'Content-Type: application/json' ${auth}\\
+    -d '{"messages":[{"role":"user","content":"舌苔薄白是什么意思？"}],"max_tokens":128}'
+  curl $url/v1/vision/analyze ${auth}-F image=@tongue.jpg -F task=tongue
+Web chat: $url/
+EOF
+}
+
+cmd_stop() {
+  local pid grace
+  if ! pid="$(server_pid)"; then
+    say "not running"
+    rm -f "$PID_FILE"
+    return 0
+  fi
+  grace="${SHUTDOWN_GRACE_SECONDS:-30}"
+  say "stopping pid $pid (running requests get ${grace%.*} s to finish)"
+  kill -TERM "$pid"
+  local deadline=$((SECONDS + ${grace%.*} + 15))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+  rm -f "$PID_FILE"
+  say "stopped"
+}
+
+cmd_status() {
+  local pid
+  if pid="$(server_pid)"; then say "process: running (pid $pid)"; else say "process: not running"; fi
+  say "health: $(health || echo unreachable)"
+  if command -v nvidia-smi >/dev/null; then
+    say "GPU memory (MiB used / total): $(nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader,nounits | head -n 1)"
+  fi
+  say "url: $(public_url)"
+}
+
+cmd_logs() {
+  [[ -f "$LOG_FILE" ]] || fail "no log yet at $LOG_FILE." "Start the server first."
+  if [[ "${1:-}" == "-f" ]]; then tail -n 100 -f "$LOG_FILE"; else tail -n "${LINES_SHOWN:-100}" "$LOG_FILE"; fi
+}
+
+case "${1:-all}" in
+  all) cmd_setup && cmd_download && cmd_start ;;
+  setup) cmd_setup ;;
+  download) cmd_download ;;
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  restart) cmd_stop && cmd_start ;;
+  status) cmd_status ;;
+  logs) cmd_logs "${2:-}" ;;
+  *)
+    echo "usage: $0 [setup|download|start|stop|restart|status|logs [-f]]" >&2
+    exit 2
+    ;;
+esac
