@@ -36,7 +36,7 @@ def fetch(retries: int) -> int:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from backend.engine.loader import CHECKPOINT_FILES
+    from backend.engine.loader import hub_download_options
     from backend.settings import Settings
 
     settings = Settings()
@@ -45,12 +45,7 @@ def fetch(retries: int) -> int:
         folder = local
         print(f"MODEL_ID is a local folder: {folder}")
     else:
-        options = {
-            "repo_id": settings.model_id,
-            "revision": settings.model_revision,
-            "cache_dir": settings.hub_cache_dir,
-            "allow_patterns": CHECKPOINT_FILES,
-        }
+        options = hub_download_options(settings)
         try:
             folder = Path(snapshot_download(**options, local_files_only=True))
             if missing_files(folder):

@@ -76,6 +76,16 @@ class LoadedModel:
         return self.image_processor is not None
 
 
+def hub_download_options(settings: Settings) -> dict[str, Any]:
+    """`snapshot_download` arguments for MODEL_ID: its revision, the volume's cache, only the files serving needs."""
+    return {
+        "repo_id": settings.model_id,
+        "revision": settings.model_revision,
+        "cache_dir": settings.hub_cache_dir,
+        "allow_patterns": CHECKPOINT_FILES,
+    }
+
+
 def resolve_checkpoint(settings: Settings) -> tuple[Path, str | None]:
     """A local folder holding the checkpoint, and the commit it came from (None for a plain folder).
 
@@ -87,12 +97,7 @@ def resolve_checkpoint(settings: Settings) -> tuple[Path, str | None]:
         return local.resolve(), None
     if settings.model_id.startswith((".", "/", "~")):
         raise ModelLoadError(f"MODEL_ID={settings.model_id} looks like a folder, but no such folder exists.")
-    options = {
-        "repo_id": settings.model_id,
-        "revision": settings.model_revision,
-        "cache_dir": settings.hub_cache_dir,
-        "allow_patterns": CHECKPOINT_FILES,
-    }
+    options = hub_download_options(settings)
     try:
         folder = snapshot_download(**options, local_files_only=True)
     except LocalEntryNotFoundError:
