@@ -89,11 +89,6 @@ class GenerationStream:
         self.finished: Finished | None = None
 
     @property
-    def request_id(self) -> str:
-        """The id of the request this stream answers."""
-        return self._job.request_id
-
-    @property
     def drained(self) -> bool:
         """No event is waiting to be read right now (a good moment to flush what was read)."""
         return self._queue.empty()
