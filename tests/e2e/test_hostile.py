@@ -249,7 +249,9 @@ def test_200_concurrent_clients_against_a_queue_of_32(server):
     responses = asyncio.run(burst())
     statuses = [response.status_code for response in responses]
     assert set(statuses) <= {200, 429}, statuses
-    assert statuses.count(200) >= 8 + 32 and statuses.count(429) > 0
+    # The first MAX_QUEUE=32 always find room in the queue; how many more got in depends on how fast the
+    # inference thread moved waiting requests into the batch of 8 while the burst arrived.
+    assert statuses.count(200) >= 32 and statuses.count(429) > 0
     for response in responses:
         if response.status_code == 429:
             check_envelope(response, 429, "queue_full")
