@@ -1,7 +1,10 @@
-"""`python -m backend`: read the settings, then serve the app with uvicorn."""
+"""`python -m backend`: read the settings, then serve the app with uvicorn (and a health port if asked)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import sys
 
 import uvicorn
@@ -10,6 +13,63 @@ from pydantic import ValidationError
 from backend.engine.devices import limit_malloc_arenas
 from backend.logging_setup import configure_logging
 from backend.settings import Settings, describe_settings_error
+
+HEALTH_PATHS = frozenset({"/ping", "/health"})
+
+
+def health_only(app):
+    """An ASGI app that passes /ping and /health to `app` and answers 404 to everything else."""
+
+    async def health_app(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in HEALTH_PATHS:
+            await app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets or lifespan here: the main server owns the app's lifespan
+        body = json.dumps({"error": {"message": f"{scope['path']} is not served on the health port; use PORT",
+                                     "type": "not_found_error", "param": None, "code": "not_found"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 404, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return health_app
+
+
+class HealthServer(uvicorn.Server):
+    """The health port's server: it leaves signals to the main server, which stops it when it is done."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def serve(app, settings: Settings) -> None:
+    """Serve `app` on PORT; with a different PORT_HEALTH, answer /ping and /health there too."""
+    common = {
+        "host": settings.host,
+        "log_level": settings.log_level,
+        "log_config": None,  # keep the formatting configured by configure_logging
+        "access_log": False,  # the request-context middleware writes one richer line per request
+    }
+    # On SIGTERM uvicorn stops accepting, lets running requests finish for this long, then the lifespan's
+    # shutdown aborts what is left.
+    main = uvicorn.Server(uvicorn.Config(app, port=settings.port,
+                                         timeout_graceful_shutdown=settings.shutdown_grace_seconds, **common))
+    if settings.port_health in (None, settings.port):
+        main.run()
+        return
+    health = HealthServer(uvicorn.Config(health_only(app), port=settings.port_health, lifespan="off", **common))
+
+    async def serve_both() -> None:
+        health_task = asyncio.create_task(health.serve())
+        try:
+            await main.serve()
+        finally:
+            health.should_exit = True
+            await health_task
+
+    with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:  # uvloop, as main.run() uses
+        runner.run(serve_both())
 
 
 def main() -> int:
@@ -23,17 +83,7 @@ def main() -> int:
     limit_malloc_arenas()  # before any worker thread exists
     from backend.app import create_app  # imported after logging is set up: torch and transformers are slow
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the formatting configured above
-        access_log=False,  # the request-context middleware writes one richer line per request
-        # On SIGTERM uvicorn stops accepting, lets running requests finish for this long, then the
-        # lifespan's shutdown aborts what is left.
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-    )
+    serve(create_app(settings), settings)
     return 0
 
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
+    port_health: int | None = Field(
+        None, ge=1, le=65535, description="second port answering only /ping and /health (RunPod serverless)"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -83,7 +86,7 @@ class Settings(BaseSettings):
         description="line appended to /v1/vision/analyze answers; empty = none",
     )
 
-    @field_validator("model_revision", "served_model_name", "hf_home", "max_model_len", mode="before")
+    @field_validator("model_revision", "served_model_name", "hf_home", "max_model_len", "port_health", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         """An empty variable (`MODEL_REVISION=`) means 'not set', as in `.env.example`."""

@@ -38,9 +38,9 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(model_dir: Path, log_dir: Path, headers: dict | None = None, **settings: str):
-    """Start a server with the given settings (environment variables) and stop it afterwards."""
-    port = free_port()
+def running_server(model_dir: Path, log_dir: Path, headers: dict | None = None, cwd: Path = ROOT, **settings: str):
+    """Start a server with the given settings (environment variables) in `cwd`, and stop it afterwards."""
+    port = int(settings.get("PORT") or free_port())
     log_path = log_dir / f"server-{port}.log"
     env = {
         **os.environ,
@@ -52,7 +52,7 @@ def running_server(model_dir: Path, log_dir: Path, headers: dict | None = None, 
         **settings,
     }
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "backend"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        process = subprocess.Popen([sys.executable, "-m", "backend"], cwd=cwd, env=env, stdout=log, stderr=log)
     server = RunningServer(f"http://127.0.0.1:{port}", port, process, log_path)
     deadline = time.monotonic() + 120
     try:
