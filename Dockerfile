@@ -1,7 +1,7 @@
 # ShizhenGPT server image for a RunPod load-balancing serverless endpoint (README: "Serverless").
 # The base image brings CUDA and torch; requirements.txt accepts that torch, so pip installs only the rest.
 # The server downloads MODEL_ID into HF_HOME at its first start and finds it there afterwards.
-#   docker build -t you/shizhengpt-server:1 .      (build on a machine with Docker; see README)
+#   docker build --platform linux/amd64 -t you/shizhengpt-server:1 .   (on a machine with Docker; see README)
 ARG BASE_IMAGE=runpod/pytorch:2.8.0-py3.11-cuda12.8.1-cudnn-devel-ubuntu22.04
 FROM ${BASE_IMAGE}
 

@@ -10,7 +10,8 @@
 
 `--plan` (before or after the command) prints every HTTP request the command would send, secrets
 redacted, and sends nothing. RUNPOD_API_KEY comes from the environment or `.env`; RUNPOD_API_URL
-overrides the API's address. Needs only Python 3.11 and httpx.
+overrides the API's address and RUNPOD_PROXY_URL the pods' public one (a template with {pod_id} and {port}).
+Needs only Python 3.11 and httpx.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ HOST_BUSY_MARKER = "not enough free gpus"
 # Environment variables of the pod whose values are secrets: redacted when a plan is printed.
 SECRET_ENV_NAMES = ("API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RUNPOD_API_KEY")
 MAX_RETRY_WAIT_SECONDS = 60.0
+# user:token@ in a git URL (a private repository's clone URL) is a secret too.
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 class RunPodError(Exception):
@@ -86,7 +89,10 @@ def redact_body(body: Any) -> Any:
         return body
     copy = dict(body)
     if isinstance(copy.get("env"), dict):
-        copy["env"] = {k: redact(v) if k in SECRET_ENV_NAMES else v for k, v in copy["env"].items()}
+        copy["env"] = {
+            k: redact(v) if k in SECRET_ENV_NAMES else URL_CREDENTIALS.sub("<redacted>@", v)
+            for k, v in copy["env"].items()
+        }
     return copy
 
 
@@ -140,7 +146,7 @@ def explain(method: str, path: str, response: httpx.Response) -> RunPodError:
         403: f"The API key lacks permission for this. Give it read/write access to Pods at {CONSOLE_KEYS_URL}.",
         402: f"The account's balance is too low for this pod. Add credit at {CONSOLE_BILLING_URL}.",
         404: "No such pod. `python scripts/runpod.py status` lists yours.",
-        409: "The action is not valid in the pod's current state. `python scripts/runpod.py status ID` shows it.",
+        409: "The action is not valid in the pod's current state; `python scripts/runpod.py status` shows it.",
         422: "RunPod rejected the request body; the field it names needs another value.",
         429: "RunPod kept rate-limiting these requests. Wait a minute and run the command again.",
     }.get(status)

@@ -62,7 +62,8 @@ def pod_row(pod: dict[str, Any], template: str, now: datetime) -> list[str]:
     gpu_name = gpu.get("displayName") or gpu.get("id") or "-"
     if gpu.get("count", 1) > 1:
         gpu_name = f"{gpu['count']}x {gpu_name}"
-    cost = hourly_cost(pod)
+    # A stopped pod pays for its volume only, so its GPU rate would mislead.
+    cost = hourly_cost(pod) if pod.get("status") not in ("EXITED", "TERMINATED") else None
     exposes_http = f"{SERVER_PORT}/http" in (pod.get("ports") or [])
     url = proxy_url(template, pod["id"]) if exposes_http and pod.get("status") != "TERMINATED" else "-"
     return [pod["id"], pod.get("name", "-"), pod.get("status", "?"), gpu_name,

@@ -71,8 +71,10 @@ def test_create_reports_no_capacity_anywhere_with_what_to_do(fake, cli):
 
 def test_create_on_community_cloud_with_a_network_volume_and_a_given_key(fake, cli):
     result = cli("create", "--repo", REPO, "--cloud", "COMMUNITY", "--gpu", PCIE, "--network-volume", "vol42",
-                 "--server-key", "sk-mine-0123456789abcdef", "--volume", "150", "--name", "tcm", "--hf-token", "hf_x1")
+                 "--server-key", "sk-mine-0123456789abcdef", "--volume", "150", "--name", "tcm", "--hf-token", "hf_x1",
+                 "--wait", "--interval", "0.05")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().splitlines()[-1].startswith("  web chat: ")  # --wait went on until ready
     body = fake.api_calls("POST", "/v2/pods")[0].body
     assert body["cloud"] == "COMMUNITY" and body["name"] == "tcm"
     assert body["mounts"] == {"network": [{"volumeId": "vol42", "path": "/workspace"}]}

@@ -40,7 +40,9 @@ def test_status_row_and_table():
     pod = {"id": "abc", "name": "tcm", "status": "EXITED", "gpu": {"id": "X", "count": 2, "displayName": "A100"},
            "cost": 3.28, "ports": ["8000/http"]}
     row = runpod_report.pod_row(pod, runpod_api.DEFAULT_PROXY_URL, datetime.now(UTC))
-    assert row == ["abc", "tcm", "EXITED", "2x A100", "3.28", "-", "https://abc-8000.proxy.runpod.net"]
+    assert row == ["abc", "tcm", "EXITED", "2x A100", "-", "-", "https://abc-8000.proxy.runpod.net"]
+    running = runpod_report.pod_row({**pod, "status": "RUNNING"}, runpod_api.DEFAULT_PROXY_URL, datetime.now(UTC))
+    assert running[4] == "3.28"
     assert runpod_report.pod_row({"id": "x", "ports": []}, "{pod_id}", datetime.now(UTC))[-1] == "-"
     table = runpod_report.format_table(["A", "LONG"], [["wide cell", "b"]])
     assert table.splitlines() == ["A          LONG", "wide cell  b"]
@@ -62,8 +64,10 @@ def test_env_file_redaction_and_retry_after(tmp_path):
     assert runpod_api.read_env_file(tmp_path / "missing") == {}
     assert runpod_api.redact("rpa_0123456789abcdefWXYZ") == "<redacted …WXYZ>"
     assert runpod_api.redact("short") == "<redacted>" and runpod_api.redact("") == "<not set>"
-    body = runpod_api.redact_body({"env": {"API_KEY": "sk-0123456789abcdef", "MODEL_ID": "m"}, "name": "n"})
-    assert body == {"env": {"API_KEY": "<redacted …cdef>", "MODEL_ID": "m"}, "name": "n"}
+    env = {"API_KEY": "sk-0123456789abcdef", "MODEL_ID": "m", "SHIZHEN_REPO": "https://me:ghp_tok@github.com/me/s.git"}
+    body = runpod_api.redact_body({"env": env, "name": "n"})
+    assert body["name"] == "n" and body["env"] == {
+        "API_KEY": "<redacted …cdef>", "MODEL_ID": "m", "SHIZHEN_REPO": "https://<redacted>@github.com/me/s.git"}
     request = httpx.Request("GET", "https://x")
     assert runpod_api.retry_after_seconds(httpx.Response(429, headers={"Retry-After": "7"}, request=request), 1) == 7
     assert runpod_api.retry_after_seconds(httpx.Response(429, headers={"Retry-After": "9999"}, request=request), 1) == 60
