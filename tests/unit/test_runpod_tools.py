@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -89,3 +93,16 @@ def test_a_dead_network_is_retried_with_backoff_then_explained():
     with pytest.raises(runpod_api.RunPodError):  # the request never left: a create is safe to repeat too
         client.post("/pods", {"name": "x"})
     assert waits == [1.0, 2.0, 4.0]
+
+
+def test_the_pods_start_command_is_one_clean_bash_script(tmp_path):
+    import runpod
+
+    args = runpod.build_parser().parse_args(["create", "--repo", "https://example.com/s.git"])
+    words = shlex.split(runpod.pod_request(args, "NVIDIA A40", "sk-x", args.repo)["args"])
+    assert words[:2] == ["bash", "-c"] and len(words) == 3
+    script = tmp_path / "start.sh"
+    script.write_text("#!/usr/bin/env bash\n" + words[2] + "\n")
+    checked = subprocess.run([Path(sys.executable).parent / "shellcheck", script], capture_output=True, text=True,
+                             check=False)
+    assert checked.returncode == 0, checked.stdout
