@@ -11,6 +11,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from backend.engine.devices import limit_malloc_arenas
+from backend.errors import error_body
 from backend.logging_setup import configure_logging
 from backend.settings import Settings, describe_settings_error
 
@@ -26,8 +27,8 @@ def health_only(app):
             return
         if scope["type"] != "http":
             return  # no websockets or lifespan here: the main server owns the app's lifespan
-        body = json.dumps({"error": {"message": f"{scope['path']} is not served on the health port; use PORT",
-                                     "type": "not_found_error", "param": None, "code": "not_found"}}).encode()
+        message = f"{scope['path']} is not served on the health port (PORT_HEALTH); use PORT"
+        body = json.dumps(error_body(message, "invalid_request_error", code="not_found")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 404, "headers": headers})
         await send({"type": "http.response.body", "body": body})
