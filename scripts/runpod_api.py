@@ -233,7 +233,13 @@ class RunPodClient:
                 continue
             if response.is_error:
                 raise explain(method, path, response)
-            return response.json() if response.content else None
+            if not response.content:
+                return None
+            try:
+                return response.json()
+            except ValueError as error:
+                raise RunPodError(f"{method} {path}: RunPod answered {response.status_code} with a body that is not "
+                                  f"JSON: {response.text[:200]!r}. Is RUNPOD_API_URL right ({self.base_url})?") from error
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def print_plan(self, method: str, url: str, body: Any, params: dict[str, str] | None) -> None:

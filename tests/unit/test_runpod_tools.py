@@ -106,3 +106,13 @@ def test_the_pods_start_command_is_one_clean_bash_script(tmp_path):
     checked = subprocess.run([Path(sys.executable).parent / "shellcheck", script], capture_output=True, text=True,
                              check=False)
     assert checked.returncode == 0, checked.stdout
+
+
+def test_an_answer_that_is_not_json_is_explained():
+    def html_page(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>captive portal</html>")
+
+    client = runpod_api.RunPodClient("rpa_key", base_url="https://wrong.example/v2")
+    client._http = httpx.Client(transport=httpx.MockTransport(html_page))
+    with pytest.raises(runpod_api.RunPodError, match="not JSON: '<html>captive portal</html>'. Is RUNPOD_API_URL"):
+        client.get("/pods")
