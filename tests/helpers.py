@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import torch
-
-
-async def wait_until_idle(engine, timeout: float = 30.0) -> None:
-    """Wait until no sequence is queued or running, so that an LmHeadHook counts only the next request's calls
-    (a request of an earlier test can still take a decode step while its abort or stop is being processed)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while engine.scheduler.running or engine.scheduler.waiting:
-        assert asyncio.get_running_loop().time() < deadline, "the engine did not become idle"
-        await asyncio.sleep(0.01)
 
 
 class LmHeadHook:

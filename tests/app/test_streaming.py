@@ -11,7 +11,7 @@ from asgi_lifespan import LifespanManager
 
 from backend.app import create_app
 from tests.conftest import data_uri, make_settings
-from tests.helpers import LmHeadHook, forcing, parse_sse, wait_until_idle
+from tests.helpers import LmHeadHook, forcing, parse_sse
 
 URL = "/v1/chat/completions"
 
@@ -89,7 +89,6 @@ def tongue_text_tokens(tiny_vl_dir):
 async def test_chinese_split_over_byte_tokens_arrives_whole(client, tongue_text_tokens):
     text, token_ids, end = tongue_text_tokens
     model = client._transport.app.state.engine.loaded.model
-    await wait_until_idle(client._transport.app.state.engine)
     with LmHeadHook(model, forcing(token_ids, end)):
         events = await stream(client, chat(max_tokens=50))
     pieces = [c["delta"]["content"] for chunk in chunks(events) for c in chunk["choices"] if c["delta"].get("content")]
@@ -102,7 +101,6 @@ async def test_chinese_split_over_byte_tokens_arrives_whole(client, tongue_text_
 async def test_stop_string_across_chunks_is_not_emitted(client, tongue_text_tokens):
     text, token_ids, end = tongue_text_tokens
     model = client._transport.app.state.engine.loaded.model
-    await wait_until_idle(client._transport.app.state.engine)
     with LmHeadHook(model, forcing(token_ids, end)):
         events = await stream(client, chat(max_tokens=50, stop=["红龘，苔"]))
     assert content_of(events) == "舌质淡"
@@ -115,7 +113,6 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
     def nan_after_three(call, logits):
         return torch.full_like(logits, float("nan")) if call >= 3 else logits
 
-    await wait_until_idle(client._transport.app.state.engine)
     with LmHeadHook(model, nan_after_three):
         events = await stream(client, chat(max_tokens=20, ignore_eos=True))
     assert events[-1] == "[DONE]"
