@@ -239,10 +239,10 @@ class ChatCompletionHandler:
         keepalive = self._settings.stream_keepalive_seconds
         finishes: list[Finished] = []
         content = ContentChunks(prepared.request_id, prepared.created, self._settings.model_name)
+        pieces: list[str] = []  # content chunks already here: they go out in one write
         try:
             for index, stream in enumerate(streams):
                 yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content="")))
-                pieces: list[str] = []  # chunks already here go out in one write
                 async for event in stream.events(keepalive):
                     if event is KEEPALIVE:
                         yield KEEPALIVE_COMMENT
@@ -254,6 +254,7 @@ class ChatCompletionHandler:
                         pieces = []
                 if pieces:
                     yield "".join(pieces)
+                    pieces = []
                 if suffix:
                     yield self._chunk(prepared, ChunkChoice(index=index, delta=ChunkDelta(content=suffix)))
                 finishes.append(stream.finished)
@@ -267,6 +268,8 @@ class ChatCompletionHandler:
         except Exception as exc:  # after the first byte, errors can only travel as an event
             if log is not None:
                 log["error"] = getattr(exc, "code", None) or type(exc).__name__
+            if pieces:  # text generated before the failure arrived with it in one batch: deliver it first
+                yield "".join(pieces)
             yield error_event(exc)
         except BaseException:  # cancelled: the client went away
             if log is not None:

@@ -163,6 +163,20 @@ function addMessage(role, text, images = []) {
   return { box, body, raw: text };
 }
 
+// A streamed answer is drawn at most once per frame: pieces arrive faster than a page can re-render the whole
+// Markdown (a long answer would otherwise cost O(n^2) and keep the page too busy to take a click on Stop).
+function scheduleRender(view) {
+  if (view.frame) return;
+  view.frame = requestAnimationFrame(() => renderNow(view));
+}
+
+function renderNow(view) {
+  if (view.frame) cancelAnimationFrame(view.frame);
+  view.frame = 0;
+  view.body.innerHTML = renderMarkdown(view.raw);
+  view.box.scrollIntoView({ block: "end" });
+}
+
 function finishAnswer(view, stopped) {
   const meta = document.createElement("div");
   meta.className = "meta";
@@ -294,8 +308,7 @@ async function send() {
     if (!response.ok) throw new Error(await explain(response));
     await readStream(response, (piece) => {
       view.raw += piece;
-      view.body.innerHTML = renderMarkdown(view.raw);
-      view.box.scrollIntoView({ block: "end" });
+      scheduleRender(view);
     });
   } catch (error) {
     if (error.name === "AbortError") stopped = true;
@@ -304,6 +317,7 @@ async function send() {
     state.controller = null;
     setBusy(false);
   }
+  renderNow(view);
   if (view.raw || stopped) {
     state.history.push({ role: "user", content: userContent }, { role: "assistant", content: view.raw });
     finishAnswer(view, stopped);

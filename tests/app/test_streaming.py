@@ -3,6 +3,7 @@ tokens, stop strings across chunks, keep-alives while waiting, and errors after 
 
 import asyncio
 import logging
+import time
 
 import httpx
 import pytest
@@ -32,7 +33,7 @@ def chunks(events):
 
 
 def content_of(events):
-    return "".join(choice["delta"].get("content", "") for chunk in chunks(events) for choice in chunk["choices"])
+    return "".join(choice["delta"].get("content", "") for chunk in chunks(events) for choice in chunk.get("choices", []))
 
 
 async def test_chunks_follow_the_openai_format(client):
@@ -121,6 +122,25 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
     assert len([chunk for chunk in chunks(events) if "choices" in chunk]) >= 2  # role + content came first
     healthy = await stream(client, chat(max_tokens=2))
     assert chunks(healthy)[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_text_that_arrives_together_with_an_error_is_delivered_before_it(client):
+    """The inference thread can post tokens and the failure faster than the event loop reads them; the text
+    generated before the failure must still reach the client, ahead of the error event."""
+    model = client._transport.app.state.engine.loaded.model
+    loop = asyncio.get_running_loop()
+    expected = content_of(await stream(client, chat(max_tokens=3, ignore_eos=True)))
+    assert expected  # three greedy tokens of the tiny model make visible text
+
+    def hold_the_loop_then_nan(call, logits):
+        if call == 0:  # the event loop sleeps while this thread makes three tokens and fails: one batch of events
+            loop.call_soon_threadsafe(time.sleep, 0.5)
+        return torch.full_like(logits, float("nan")) if call >= 3 else logits
+
+    with LmHeadHook(model, hold_the_loop_then_nan):
+        events = await stream(client, chat(max_tokens=20, ignore_eos=True))
+    assert events[-2]["error"]["code"] == "non_finite_logits" and events[-1] == "[DONE]"
+    assert content_of(events) == expected
 
 
 async def test_bad_input_is_still_a_plain_400_when_streaming(client):
