@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 
 import uvicorn
 from pydantic import ValidationError
+from starlette.responses import JSONResponse
 
 from backend.engine.devices import limit_malloc_arenas
 from backend.errors import error_body
@@ -28,10 +28,8 @@ def health_only(app):
         if scope["type"] != "http":
             return  # no websockets or lifespan here: the main server owns the app's lifespan
         message = f"{scope['path']} is not served on the health port (PORT_HEALTH); use PORT"
-        body = json.dumps(error_body(message, "invalid_request_error", code="not_found")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 404, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        response = JSONResponse(error_body(message, "invalid_request_error", code="not_found"), status_code=404)
+        await response(scope, receive, send)
 
     return health_app
 

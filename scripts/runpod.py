@@ -116,12 +116,11 @@ def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: st
 
 def cmd_create(client: RunPodClient, args: argparse.Namespace) -> int:
     """Create the pod on the first GPU type of the preference list that has capacity."""
-    env_file = read_env_file(Path.cwd() / ".env")
-    server_key = args.server_key or setting("API_KEY", env_file)
+    server_key = args.server_key or setting("API_KEY", args.env_file)
     generated = not server_key
     if generated:
         server_key = "<generated at creation>" if client.plan else "sk-" + secrets.token_urlsafe(32)
-    repo = args.repo or setting("SHIZHEN_REPO", env_file) or origin_url()
+    repo = args.repo or setting("SHIZHEN_REPO", args.env_file) or origin_url()
     if not repo:
         if not client.plan:
             print("ERROR: no git URL for the pod to clone the server from.\n"
@@ -363,7 +362,7 @@ COMMANDS = {"create": cmd_create, "status": cmd_status, "start": cmd_action, "st
 def main(argv: list[str] | None = None) -> int:
     """Run one command; RunPod errors end with their explanation and exit status 1."""
     args = build_parser().parse_args(argv)
-    env_file = read_env_file(Path.cwd() / ".env")
+    env_file = args.env_file = read_env_file(Path.cwd() / ".env")  # read once; commands take it from args
     args.proxy_template = setting("RUNPOD_PROXY_URL", env_file, DEFAULT_PROXY_URL)
     try:
         client = RunPodClient(
