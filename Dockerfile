@@ -10,6 +10,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The balancer sends requests to PORT and polls GET /ping on PORT_HEALTH (200 ready, 204 loading).
 # A network volume is mounted at /runpod-volume: the model cache lives there, so a new worker does not
 # download 64 GB again. Every other setting of .env.example can be set on the endpoint.
+# ALLOWED_HOSTS=*: a worker is reached only through RunPod's balancer (which checks the RunPod key first),
+# under host names RunPod chooses; no browser shares its network, so there is no DNS-rebinding page to stop.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -18,7 +20,8 @@ ENV PYTHONUNBUFFERED=1 \
     PORT_HEALTH=8000 \
     HF_HOME=/runpod-volume/models \
     MODEL_ID=FreedomIntelligence/ShizhenGPT-32B-VL \
-    LOG_FORMAT=json
+    LOG_FORMAT=json \
+    ALLOWED_HOSTS=*
 
 WORKDIR /app
 COPY requirements.txt ./

@@ -5,11 +5,15 @@
 #   ./deploy_runpod.sh setup           venv on the volume (reuses the image's CUDA torch); idempotent
 #   ./deploy_runpod.sh download        fetch MODEL_ID into $HF_HOME with resume and retries; verify the files
 #   ./deploy_runpod.sh start           checks, then the server in the background; waits for /health
-#   ./deploy_runpod.sh stop | restart | status | logs [-f]
+#   ./deploy_runpod.sh stop | restart | status | logs [-f] | help
 #
 # Configured by the server's environment variables (see .env.example), read from the environment and from
 # $WORKSPACE/.env (the environment wins). Script-only: WORKSPACE (/workspace), VENV ($WORKSPACE/venv),
 # MODEL_DISK_GB and MODEL_VRAM_GB (what the model needs; estimated from MODEL_ID when unset), HF_TOKEN.
+#
+# HOST defaults to 0.0.0.0 so that RunPod's proxy reaches the server, which makes it public: without API_KEY
+# the script refuses to start it on any address but loopback (127.0.0.1, localhost, ::1), before setup and
+# download. ALLOW_NO_API_KEY=1 serves without a key anyway, on purpose (behind a gateway that checks keys).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -69,6 +73,35 @@ server_pid() {
 }
 
 health() { curl -s --max-time 5 "http://127.0.0.1:$PORT/health"; }
+
+is_loopback() {
+  case "$1" in
+    127.* | localhost | ::1 | "[::1]") return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# A keyless server on a public address lets anyone with the proxy URL spend the GPU and read the answers, and
+# a warning ends up in a log nobody reads: refuse unless the operator opts in. Checked once, before setup and
+# download, so that the refusal comes in seconds rather than after a 64 GB download.
+API_KEY_CHECKED=""
+check_api_key() {
+  [[ -z "$API_KEY_CHECKED" ]] || return 0
+  API_KEY_CHECKED=1
+  [[ -n "${API_KEY:-}" ]] && return 0
+  if is_loopback "$HOST"; then
+    say "WARNING: API_KEY is not set: any process on this machine can use the server (HOST=$HOST)."
+    return 0
+  fi
+  case "${ALLOW_NO_API_KEY:-}" in
+    1 | [Tt]rue | TRUE | [Yy]es | YES)
+      say "WARNING: API_KEY is not set and ALLOW_NO_API_KEY=$ALLOW_NO_API_KEY: anyone who reaches $HOST:$PORT (on RunPod: anyone with the proxy URL) can use this GPU."
+      return 0
+      ;;
+  esac
+  fail "API_KEY is not set and the server would listen on $HOST: anyone with the proxy URL could use this GPU." \
+    "Set API_KEY in the pod's environment or in $WORKSPACE/.env (scripts/runpod.py create sets one), or HOST=127.0.0.1; to serve without a key on purpose, set ALLOW_NO_API_KEY=1."
+}
 
 public_url() {
   if [[ -n "${RUNPOD_POD_ID:-}" ]]; then
@@ -135,14 +168,12 @@ cmd_start() {
     say "already running (pid $pid)"
     return 0
   fi
+  check_api_key
   read -r _ need_vram <<<"$(model_needs)"
   check_gpu "$need_vram"
   check_port
   [[ -x "$PYTHON" ]] || fail "$VENV is not set up." "Run ./deploy_runpod.sh setup"
   mkdir -p "$STATE_DIR"
-  if [[ -z "${API_KEY:-}" ]]; then
-    say "WARNING: API_KEY is not set: anyone with the proxy URL can use this GPU."
-  fi
   say "starting the server (log: $LOG_FILE)"
   (
     cd "$ROOT" || exit 1
@@ -210,17 +241,23 @@ cmd_logs() {
   if [[ "${1:-}" == "-f" ]]; then tail -n 100 -f "$LOG_FILE"; else tail -n "${LINES_SHOWN:-100}" "$LOG_FILE"; fi
 }
 
+cmd_help() {
+  # The comment at the top of this file, up to `set -euo pipefail`, is the help.
+  sed -n '2,/^set -euo pipefail$/{/^set /d;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"
+}
+
 case "${1:-all}" in
-  all) cmd_setup && cmd_download && cmd_start ;;
+  all) check_api_key && cmd_setup && cmd_download && cmd_start ;;
   setup) cmd_setup ;;
   download) cmd_download ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
-  restart) cmd_stop && cmd_start ;;
+  restart) check_api_key && cmd_stop && cmd_start ;; # refuse before stopping the running server
   status) cmd_status ;;
   logs) cmd_logs "${2:-}" ;;
+  help | -h | --help) cmd_help ;;
   *)
-    echo "usage: $0 [setup|download|start|stop|restart|status|logs [-f]]" >&2
+    echo "usage: $0 [setup|download|start|stop|restart|status|logs [-f]|help]" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 
 from backend.engine.devices import limit_malloc_arenas
 from backend.errors import error_body
+from backend.http_protocol import with_header_deadline
 from backend.logging_setup import configure_logging
 from backend.settings import Settings, describe_settings_error
 
@@ -49,6 +50,8 @@ def serve(app, settings: Settings) -> None:
         "log_level": settings.log_level,
         "log_config": None,  # keep the formatting configured by configure_logging
         "access_log": False,  # the request-context middleware writes one richer line per request
+        "http": with_header_deadline(settings.header_read_timeout_seconds),  # slow-header clients are cut off
+        "limit_concurrency": settings.max_connections,  # beyond it uvicorn answers 503 rather than queueing
     }
     # On SIGTERM uvicorn stops accepting, lets running requests finish for this long, then the lifespan's
     # shutdown aborts what is left.

@@ -20,6 +20,7 @@ from backend.engine.engine import Engine
 from backend.errors import install_error_handlers
 from backend.handlers.chat import ChatCompletionHandler
 from backend.handlers.vision import VisionHandler
+from backend.host_guard import HostGuardMiddleware, HostPolicy
 from backend.media import ImageIntake
 from backend.metrics import Metrics
 from backend.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -41,11 +42,14 @@ def warn_about_exposure(settings: Settings) -> None:
             "anyone with the proxy URL) can use the model. Set API_KEY to one or more secret keys. !!!",
             settings.host,
         )
-    if settings.api_key and "*" in settings.cors_origins:
+    if "*" in settings.cors_origins:
         logger.warning(
-            "CORS_ORIGINS=* with API keys: any web page may call this server with a key it holds. "
-            "List your front end's origin(s) in CORS_ORIGINS instead."
+            "CORS_ORIGINS=*: any web page the user opens may call this server%s. List your front end's "
+            "origin(s) in CORS_ORIGINS instead (the server's own page needs none).",
+            " with a key it holds" if settings.api_key else ", and no API_KEY is set",
         )
+    if "*" in settings.allowed_hosts:
+        logger.warning("ALLOWED_HOSTS=*: any host name is served, which DNS-rebinding pages can use.")
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -75,8 +79,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.metrics = Metrics(settings.model_name)
     engine.listeners.append(app.state.metrics.record)
 
-    # Added innermost first: a request meets CORS, then the request id and log line, then the key check,
-    # then the body limits. CORS outermost means even a 401 or 413 can be read by a browser page.
+    # Added innermost first: a request meets CORS, then the request id and log line, then the host and
+    # origin check, then the key check, then the body limits. CORS outermost means even a 401 or 413 can be
+    # read by a browser page.
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_request_bytes,
@@ -84,6 +89,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    ports = [settings.port] + ([settings.port_health] if settings.port_health else [])
+    policy = HostPolicy.from_settings(settings.allowed_hosts, settings.cors_origins, settings.runpod_pod_id, ports)
+    app.add_middleware(HostGuardMiddleware, policy=policy)
     app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
         app.add_middleware(

@@ -70,6 +70,13 @@ class RequestTooLargeError(APIError):
         )
 
 
+class BodyReadTimeoutError(APIError):
+    """The client sent its body too slowly (408): slow-loris protection."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+
+
 class UnsupportedMediaTypeError(APIError):
     """The body is neither JSON nor a multipart form (415)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 
 
@@ -27,17 +28,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# C0 and C1 control characters and Unicode line separators: a client's text (a path such as
+# `/x%0d%0a2026-... INFO ...`, a header) must not be able to start a forged log line or move the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters written as escapes (`\\r`, `\\n`, `\\x1b`)."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger: message key=value ...`"""
+    """`time level logger: message key=value ...`, one line per record (tracebacks excepted)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # Format a copy whose message is already escaped; the traceback, written by us, keeps its lines.
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = escape_control(record.getMessage()), None
+        line = super().format(safe)
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+            line += " " + " ".join(f"{key}={escape_control(str(value))}" for key, value in fields.items())
         return line
 
 

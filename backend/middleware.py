@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.errors import APIError, RequestTooLargeError, error_body
+from backend.errors import APIError, BodyReadTimeoutError, RequestTooLargeError, error_body
 
 access_logger = logging.getLogger("backend.access")
 
@@ -44,13 +44,6 @@ async def send_error(send: Send, status: int, body: dict, headers: Iterable[tupl
     await send({"type": "http.response.body", "body": payload})
 
 
-class BodyReadTimeoutError(APIError):
-    """The client sent its body too slowly (408): slow-loris protection."""
-
-    status_code = 408
-    error_type = "invalid_request_error"
-
-
 class ApiKeyMiddleware:
     """When API keys are set, every route but the open ones needs `Authorization: Bearer <key>`.
 
@@ -75,11 +68,12 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
-        if self._authorized(header):
+        authorized = self._authorized(header)
+        # Open routes run either way; they may show more to a caller with a key (/health's details).
+        scope.setdefault("state", {})["authorized"] = authorized
+        path = scope["path"]
+        if authorized or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         message = "Missing API key: send `Authorization: Bearer <key>`." if not header else "Invalid API key."
         scope.setdefault("state", {})["log"] = {"auth": "refused"}
@@ -92,11 +86,11 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Read the body first, within MAX_REQUEST_BYTES (413) and BODY_READ_TIMEOUT_SECONDS per piece (408).
+    """Read the body first, within MAX_REQUEST_BYTES (413) and BODY_READ_TIMEOUT_SECONDS in all (408).
 
     A declared Content-Length over the limit is refused before a byte of the body is read. The body is then
     read here, as FastAPI would read it anyway for JSON, and handed to the app; a client that sends it too
-    slowly (slow loris) is cut off instead of holding a connection open for ever.
+    slowly (slow loris, even one byte every few seconds) is cut off when the whole deadline has passed.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_seconds: float) -> None:
@@ -115,22 +109,24 @@ class BodyLimitMiddleware:
             return await self._refuse(send, RequestTooLargeError(self.max_bytes))
         pieces: list[bytes] = []
         size = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
-            except TimeoutError:
-                error = BodyReadTimeoutError(
-                    f"The request body was not received within {self.read_timeout:g} s.", code="body_timeout"
-                )
-                return await self._refuse(send, error)
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its request: nobody to answer
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await self._refuse(send, RequestTooLargeError(self.max_bytes))
-            pieces.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before sending its request: nobody to answer
+                    size += len(message.get("body", b""))
+                    if size > self.max_bytes:
+                        return await self._refuse(send, RequestTooLargeError(self.max_bytes))
+                    pieces.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            error = BodyReadTimeoutError(
+                f"The request body was not received within {self.read_timeout:g} s (BODY_READ_TIMEOUT_SECONDS).",
+                code="body_timeout",
+            )
+            return await self._refuse(send, error)
         body = b"".join(pieces)
         handed_over = False
 

@@ -48,12 +48,20 @@ class Settings(BaseSettings):
     port_health: int | None = Field(
         None, ge=1, le=65535, description="second port answering only /ping and /health (RunPod serverless)"
     )
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins of other sites' pages allowed to call the API; empty = none"
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names served besides loopback, IP addresses and the pod's proxy"
+    )
+    runpod_pod_id: str | None = Field(None, description="set by RunPod in every pod: its proxy names are served")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer keys")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long running requests may finish on SIGTERM")
-    body_read_timeout_seconds: float = Field(30.0, gt=0, description="a body sent slower than this is refused (408)")
+    body_read_timeout_seconds: float = Field(30.0, gt=0, description="the whole body must arrive within this (408)")
+    header_read_timeout_seconds: float = Field(10.0, gt=0, description="a connection's request line and headers")
+    max_connections: int = Field(1000, ge=1, description="open connections at once; more are answered 503")
     max_messages: int = Field(1024, ge=1, description="messages per chat request")
     max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest request body (413 above)")
     stream_keepalive_seconds: float = Field(15.0, gt=0, le=90, description="SSE comment interval while waiting")
@@ -74,7 +82,11 @@ class Settings(BaseSettings):
     min_pixels: int = Field(56 * 56, gt=0, description="lower bound of an image's area after resizing")
     max_pixels: int = Field(360 * 420, gt=0, description="upper bound of an image's area after resizing")
     max_image_bytes: int = Field(20 * 2**20, gt=0, description="largest encoded image (413 above)")
-    max_image_pixels: int = Field(50_000_000, gt=0, description="largest decoded image area, checked before decoding")
+    max_image_pixels: int = Field(
+        25_000_000, gt=0, description="largest image area decoded, checked before decoding (JPEGs at reduced scale)"
+    )
+    max_request_image_pixels: int = Field(50_000_000, gt=0, description="decoded area of one request's images")
+    max_concurrent_image_decodes: int = Field(2, ge=1, description="images decoded at once, server-wide")
     max_images_per_request: int = Field(8, ge=1)
     image_url_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
     image_url_allow_private_networks: bool = False
@@ -86,7 +98,9 @@ class Settings(BaseSettings):
         description="line appended to /v1/vision/analyze answers; empty = none",
     )
 
-    @field_validator("model_revision", "served_model_name", "hf_home", "max_model_len", "port_health", mode="before")
+    @field_validator(
+        "model_revision", "served_model_name", "hf_home", "max_model_len", "port_health", "runpod_pod_id", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value):
         """An empty variable (`MODEL_REVISION=`) means 'not set', as in `.env.example`."""
@@ -94,7 +108,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("cors_origins", "image_url_allowed_domains", "api_key", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", "image_url_allowed_domains", "api_key", mode="before")
     @classmethod
     def _split_list(cls, value):
         """Lists are comma-separated (`CORS_ORIGINS=*`, `IMAGE_URL_ALLOWED_DOMAINS=a.com,b.org`)."""

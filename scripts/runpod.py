@@ -11,12 +11,17 @@
 `--plan` (before or after the command) prints every HTTP request the command would send, secrets
 redacted, and sends nothing. RUNPOD_API_KEY comes from the environment or `.env`; RUNPOD_API_URL
 overrides the API's address and RUNPOD_PROXY_URL the pods' public one (a template with {pod_id} and {port}).
+
+Secrets never go on the command line, where every user of the machine sees them in the process list and
+the shell keeps them in its history: the server's API_KEY and HF_TOKEN come from the environment or `.env`
+(else, for API_KEY, a hidden prompt on a terminal or a generated key; for HF_TOKEN, `--ask-hf-token`).
 Needs only Python 3.11 and httpx.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import secrets
 import subprocess
 import sys
@@ -24,6 +29,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,6 +37,7 @@ import httpx
 from runpod_api import (
     DEFAULT_API_URL,
     DEFAULT_PROXY_URL,
+    URL_CREDENTIALS,
     NoCapacityError,
     RunPodClient,
     RunPodError,
@@ -80,7 +87,121 @@ def origin_url() -> str:
     return url if url.startswith(("https://", "http://", "git@", "ssh://")) else ""
 
 
-def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: str) -> dict[str, Any]:
+def has_credentials(url: str) -> bool:
+    """Whether a git URL carries a secret: user:password@ anywhere, or any user@ over http(s).
+
+    Over http(s) a bare `user@` is how tokens are usually passed (`https://ghp_...@github.com/...`), so it
+    counts; `ssh://git@host/...` and `git@host:...` name an SSH user, not a secret.
+    """
+    try:
+        parts = urlsplit(url)
+        password, username = parts.password, parts.username
+    except ValueError:
+        return bool(URL_CREDENTIALS.search(url))
+    return password is not None or (parts.scheme in ("http", "https") and bool(username))
+
+
+def redact_url(url: str) -> str:
+    """A git URL as it may be shown: its user and token replaced."""
+    return URL_CREDENTIALS.sub("<redacted>@", url)
+
+
+def choose_repo(args: argparse.Namespace, plan: bool) -> str | None:
+    """The URL the pod clones, with a warning when it carries a token; None (after an error) when refused.
+
+    `--repo` or SHIZHEN_REPO is the operator's explicit choice. `origin` is a guess, and one with a token in
+    it would put that token in the pod's environment and on its volume without anyone deciding so.
+    """
+    explicit = args.repo or setting("SHIZHEN_REPO", args.env_file)
+    repo = explicit or origin_url()
+    if repo and has_credentials(repo):
+        where = ("the pod's environment (SHIZHEN_REPO: the RunPod console and every process on the pod see it) "
+                 f"and {CODE_DIR}/.git/config on its volume")
+        if not explicit:
+            print(f"ERROR: the `origin` remote carries credentials ({redact_url(repo)}); they are not copied to "
+                  "the pod without being asked.\n"
+                  "What to do: pass --repo URL (or set SHIZHEN_REPO) explicitly: a public URL, or one with a "
+                  f"read-only token, knowing that the token will be stored in {where}.", file=sys.stderr)
+            return None
+        print(f"WARNING: the repository URL carries credentials ({redact_url(repo)}): the token will be stored in "
+              f"{where}. Use a read-only token limited to this repository.", file=sys.stderr)
+    if not repo:
+        if not plan:
+            print("ERROR: no git URL for the pod to clone the server from.\n"
+                  "What to do: pass --repo https://github.com/you/shizhen-server.git (a URL the pod can reach).",
+                  file=sys.stderr)
+            return None
+        repo = "<your repository URL: --repo>"
+    return repo
+
+
+def read_secret(prompt: str) -> str:
+    """A secret typed at a hidden prompt on a terminal, else the first line of stdin (piped from a vault)."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().strip()
+    try:
+        return getpass.getpass(prompt).strip()
+    except EOFError:  # Ctrl-D: no answer
+        return ""
+
+
+def choose_server_key(args: argparse.Namespace, plan: bool) -> tuple[str, bool]:
+    """The server's API_KEY and whether it was generated here (and so must be shown once).
+
+    From the environment or .env; else asked at a hidden prompt when a person is at a terminal (Enter
+    generates one); else generated, as a script run needs no answer.
+    """
+    key = setting("API_KEY", args.env_file)
+    if key:
+        return key, False
+    if plan:
+        return "<generated at creation>", True
+    if sys.stdin.isatty():  # a person is there to ask; a script is not, and gets a generated key
+        key = read_secret("The server's API key (API_KEY is not set; press Enter to generate one): ")
+        if key:
+            return key, False
+    return "sk-" + secrets.token_urlsafe(32), True
+
+
+def choose_hf_token(args: argparse.Namespace, plan: bool) -> str:
+    """HF_TOKEN for the pod: asked for with --ask-hf-token, else from the environment or .env ('' if none)."""
+    if args.ask_hf_token:
+        if plan:
+            return "<asked at creation>"
+        token = read_secret("HF_TOKEN (read-only Hugging Face token): ")
+        if not token:
+            raise RunPodError("--ask-hf-token was given but no token was entered.\n"
+                              "What to do: type or pipe the token, or leave out --ask-hf-token.")
+        return token
+    token = setting("HF_TOKEN", args.env_file)
+    if token:
+        # Said aloud because HF_TOKEN may be in the environment for other reasons, possibly with write access.
+        print("HF_TOKEN from your environment or .env goes into the pod's environment; "
+              "a read-only token is enough.", file=sys.stderr)
+    return token
+
+
+class RemovedSecretOption(argparse.Action):
+    """A removed option that took a secret: refuse it, naming the environment variable to use instead.
+
+    It fails rather than being ignored, so that a script still passing it breaks loudly instead of leaving the
+    secret in the process list and the shell history and then running with another key.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, variable: str = "", hint: str = "", **kwargs: Any):
+        self.variable, self.hint = variable, hint
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        # The value is never repeated in the message: it is the secret.
+        parser.error(f"{option_string} was removed: a secret on the command line is visible to every user in the "
+                     f"process list and stays in the shell history. Set {self.variable} in the environment or in "
+                     f".env instead{self.hint}.")
+
+
+def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: str,
+                hf_token: str = "") -> dict[str, Any]:
     """The body of `POST /pods` for one GPU type."""
     env = {
         "MODEL_ID": args.model,
@@ -92,8 +213,8 @@ def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: st
         "SHIZHEN_REF": args.ref,
         "SHIZHEN_DIR": CODE_DIR,
     }
-    if args.hf_token:
-        env["HF_TOKEN"] = args.hf_token
+    if hf_token:
+        env["HF_TOKEN"] = hf_token
     if args.network_volume:
         mounts: dict[str, Any] = {"network": [{"volumeId": args.network_volume, "path": "/workspace"}]}
     else:
@@ -116,25 +237,19 @@ def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: st
 
 def cmd_create(client: RunPodClient, args: argparse.Namespace) -> int:
     """Create the pod on the first GPU type of the preference list that has capacity."""
-    server_key = args.server_key or setting("API_KEY", args.env_file)
-    generated = not server_key
-    if generated:
-        server_key = "<generated at creation>" if client.plan else "sk-" + secrets.token_urlsafe(32)
-    repo = args.repo or setting("SHIZHEN_REPO", args.env_file) or origin_url()
-    if not repo:
-        if not client.plan:
-            print("ERROR: no git URL for the pod to clone the server from.\n"
-                  "What to do: pass --repo https://github.com/you/shizhen-server.git (a URL the pod can reach).",
-                  file=sys.stderr)
-            return 2
-        repo = "<your repository URL: --repo>"
+    repo = choose_repo(args, client.plan)
+    if repo is None:
+        return 2
+    server_key, generated = choose_server_key(args, client.plan)
+    args.server_key = server_key  # for `--wait`, which reads /health's details with it
+    hf_token = choose_hf_token(args, client.plan)
     gpus = args.gpu or GPU_PREFERENCE
     for index, gpu_id in enumerate(gpus):
         if client.plan and index:
             print(f"# only if the request above gets 400 \"no capacity\": the same body with gpu.id = {gpu_id!r}")
             continue
         try:
-            pod = client.post("/pods", pod_request(args, gpu_id, server_key, repo))
+            pod = client.post("/pods", pod_request(args, gpu_id, server_key, repo, hf_token))
         except NoCapacityError:
             following = f"; trying {gpus[index + 1]}" if index + 1 < len(gpus) else ""
             print(f"no capacity for {gpu_id} in the {args.cloud} cloud{following}", file=sys.stderr)
@@ -249,7 +364,10 @@ def wait_until_ready(client: RunPodClient, args: argparse.Namespace, pod_id: str
 def wait_for_health(url: str, deadline: float, args: argparse.Namespace) -> int:
     """Poll {url}/health until "ready"; show each change (proxy error, loading, download progress)."""
     seen = ""
-    with httpx.Client(timeout=15) as http:
+    # With keys set, the server shows a caller without one only the status: the key shows why a load failed.
+    key = getattr(args, "server_key", None) or setting("API_KEY", args.env_file)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(timeout=15, headers=headers) as http:
         while True:
             try:
                 response = http.get(f"{url}/health")
@@ -333,10 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="shizhengpt")
     create.add_argument("--model", default=DEFAULT_MODEL, help=f"MODEL_ID to serve (default {DEFAULT_MODEL})")
     create.add_argument("--image", default=DEFAULT_IMAGE, help="container image with CUDA and torch")
-    create.add_argument("--repo", help="git URL of this server for the pod to clone (default: origin)")
+    create.add_argument("--repo", help="git URL of this server for the pod to clone (default: SHIZHEN_REPO, else "
+                        "origin unless it carries a token); a token in it ends up in the pod's env and .git/config")
     create.add_argument("--ref", default="main", help="branch or tag to clone (default main)")
-    create.add_argument("--server-key", help="the server's API_KEY (default: API_KEY from env/.env, else new)")
-    create.add_argument("--hf-token", help="HF_TOKEN for gated models")
+    create.add_argument("--ask-hf-token", action="store_true",
+                        help="read HF_TOKEN (gated models) at a hidden prompt, or from stdin when piped "
+                             "(default: HF_TOKEN from env/.env)")
+    # The server's key comes from API_KEY (env/.env, else a prompt or a new one), never from argv.
+    create.add_argument("--server-key", action=RemovedSecretOption, variable="API_KEY",
+                        hint=" (without it, create asks at a hidden prompt on a terminal, or generates one)")
+    create.add_argument("--hf-token", action=RemovedSecretOption, variable="HF_TOKEN",
+                        hint=", or pass --ask-hf-token to type it at a hidden prompt")
     create.add_argument("--network-volume", metavar="ID", help="mount this network volume instead of a volume")
     create.add_argument("--data-center", action="append", metavar="ID", help="allowed data center (repeat)")
     create.add_argument("--wait", action="store_true", help="then wait until the server is ready")

@@ -35,8 +35,16 @@ def tiny_text_dir(tmp_path_factory) -> Path:
 
 
 def make_settings(model_dir: Path, **overrides) -> Settings:
-    """Settings for tests: the given checkpoint, no .env file from the developer's checkout."""
-    values = {"model_id": str(model_dir), "served_model_name": "tiny", **overrides}
+    """Settings for tests: the given checkpoint, no .env file from the developer's checkout, and the tiny
+    model on the CPU in float32 (what the tests expect: `/health` says so, answers are compared exactly)
+    even on a machine with a GPU or a DEVICE_MAP/DTYPE in its environment."""
+    values = {
+        "model_id": str(model_dir),
+        "served_model_name": "tiny",
+        "device_map": "cpu",
+        "dtype": "float32",
+        **overrides,
+    }
     return Settings(_env_file=None, **values)
 
 

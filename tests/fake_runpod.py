@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -24,8 +26,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-
-from tests.e2e.conftest import free_port
 
 NO_CAPACITY = (
     "There are no longer any instances available with the requested specifications. Please refresh and try again."
@@ -112,6 +112,10 @@ class FakeRunPod:
     health_script: list[tuple[int, Any]] = field(default_factory=lambda: [
         (502, "<html>502 Bad Gateway</html>"), (503, {"status": "loading"}), (200, {"status": "ready"})])
     health_calls: dict[str, int] = field(default_factory=dict)
+    server_key: str = ""  # when set, /health shows its details only to `Authorization: Bearer <server_key>`
+    # Called with the body of each valid `POST /v2/pods` while the client waits for the answer: a test can look
+    # at the client process as it is at that moment (its command line, for instance).
+    on_create: Callable[[dict[str, Any]], None] | None = None
     url: str = ""
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -191,6 +195,8 @@ def create_fake_app(fake: FakeRunPod) -> FastAPI:
 
     @app.post("/v2/pods", status_code=201)
     async def create_pod(body: CreatePod):
+        if fake.on_create is not None:
+            fake.on_create(body.model_dump())
         if (body.gpu is None) == (body.cpu is None):
             return problem(400, "Bad Request", "Exactly one of gpu or cpu must be set.")
         if body.mounts and body.mounts.persistent and body.mounts.network:
@@ -240,7 +246,7 @@ def create_fake_app(fake: FakeRunPod) -> FastAPI:
         return pod
 
     @app.get("/proxy/{target}/health")
-    async def proxied_health(target: str):
+    async def proxied_health(target: str, request: Request):
         pod_id = target.rsplit("-", 1)[0]
         pod = fake.pods.get(pod_id)
         if pod is None or pod["status"] != "RUNNING":
@@ -249,6 +255,8 @@ def create_fake_app(fake: FakeRunPod) -> FastAPI:
         status, body = fake.health_script[min(calls, len(fake.health_script)) - 1]
         if isinstance(body, str):
             return HTMLResponse(body, status)
+        if fake.server_key and request.headers.get("authorization") != f"Bearer {fake.server_key}":
+            body = {"status": body.get("status")}  # as the server answers a caller without its key
         return JSONResponse(body, status)
 
     return app
@@ -259,11 +267,13 @@ class FakeRunPodServer:
 
     def __init__(self, fake: FakeRunPod):
         self.fake = fake
-        port = free_port()
-        config = uvicorn.Config(create_fake_app(fake), host="127.0.0.1", port=port, log_level="warning",
-                                lifespan="off")
+        # Bound here, port chosen by the kernel, and handed to uvicorn: no other process can take it between.
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        port = self.socket.getsockname()[1]
+        config = uvicorn.Config(create_fake_app(fake), log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         fake.url = f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> FakeRunPod:
@@ -278,3 +288,4 @@ class FakeRunPodServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.socket.close()

@@ -51,36 +51,59 @@ class DecodeBatch:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
     def add(self, rows: list[SequenceState], cache: DynamicCache, mask: torch.Tensor, first_tokens: list[int]) -> None:
-        """Join prefilled sequences (rows of `cache` and `mask`) whose next inputs are `first_tokens`."""
+        """Join prefilled sequences (rows of `cache` and `mask`) whose next inputs are `first_tokens`.
+
+        All-or-nothing: the grown tensors are built first and swapped in only when every one exists, so an
+        out-of-memory error while growing leaves the running batch exactly as it was.
+        """
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
             width = max(self.cache_length, int(mask.shape[1]))
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-                mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
-            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            grown = [
+                (
+                    torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]),
+                    torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]),
+                )
+                for mine, theirs in zip(self.cache.layers, cache.layers)
+            ]
+            grown_mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            for layer, (keys, values) in zip(self.cache.layers, grown):
+                layer.keys, layer.values = keys, values
+            self.mask = grown_mask
         self.rows.extend(rows)
         self.next_tokens.extend(first_tokens)
 
     def remove(self, indexes: list[int]) -> None:
-        """Drop finished rows, then the padding columns no remaining row uses."""
+        """Drop finished rows, then the padding columns no remaining row uses.
+
+        All-or-nothing like `add`: if shrinking the cache fails, the batch is left unchanged.
+        """
         if not indexes:
             return
-        keep = [index for index in range(len(self.rows)) if index not in set(indexes)]
-        self.rows = [self.rows[index] for index in keep]
-        self.next_tokens = [self.next_tokens[index] for index in keep]
+        gone = set(indexes)
+        keep = [index for index in range(len(self.rows)) if index not in gone]
         if not keep:
-            self.cache = self.mask = None
+            self.clear()
             return
         selector = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
         mask = self.mask.index_select(0, selector)
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
+        shrunk = [
+            (layer.keys.index_select(0, selector)[:, :, start:], layer.values.index_select(0, selector)[:, :, start:])
+            for layer in self.cache.layers
+        ]
+        for layer, (keys, values) in zip(self.cache.layers, shrunk):
+            layer.keys, layer.values = keys, values
         self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, selector)[:, :, start:]
-            layer.values = layer.values.index_select(0, selector)[:, :, start:]
+        self.rows = [self.rows[index] for index in keep]
+        self.next_tokens = [self.next_tokens[index] for index in keep]
+
+    def clear(self) -> None:
+        """Forget every row and the cache (the rows' clients must already have been answered)."""
+        self.rows, self.next_tokens = [], []
+        self.cache = self.mask = None
 
     def step(self) -> torch.Tensor:
         """One decode step for every row: feed each row's next token, return the logits `[rows, vocab]`."""

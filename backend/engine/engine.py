@@ -156,12 +156,14 @@ class Engine:
         self._loader = loader
         self.state: EngineState = "loading"
         self.error: str | None = None
+        self.error_code = "model_load_failed"  # or "engine_dead" once a loaded engine's thread has stopped
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self._prompt_builder: PromptBuilder | None = None
         self._thread: threading.Thread | None = None
         self._load_done: Future[None] = Future()
         self._relay: EventRelay | None = None
+        self._shutting_down = False
         self.stats = EngineStats()
         # Called with every final event (Finished / Failed) on the inference thread: stats, metrics.
         self.listeners: list = [self.stats.record]
@@ -191,6 +193,7 @@ class Engine:
             loaded.image_processor,
             loaded.image_token_id,
             system_prompt=self.settings.system_prompt,
+            max_prompt_tokens=loaded.max_model_len,
         )
         self.scheduler = Scheduler(
             loaded,
@@ -201,7 +204,21 @@ class Engine:
         self.loaded = loaded
         self.state = "ready"
         self._load_done.set_result(None)
-        self.scheduler.run()
+        if self._shutting_down:  # shutdown began while the model loaded: nothing is left to serve
+            return
+        try:
+            self.scheduler.run()
+        except BaseException as exc:  # the scheduler guards each step; this is the last line of defence
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """The inference thread is ending for good: say so in /health and answer everyone at once (503)."""
+        logger.critical("the inference thread stopped", exc_info=exc)
+        self.error = f"The inference thread stopped ({type(exc).__name__}: {exc}); restart the server."
+        self.error_code = "engine_dead"
+        self.state = "error"
+        assert self.scheduler is not None
+        self.scheduler.fail_everything(ModelNotReadyError(self.error, code=self.error_code))
 
     def require_ready(self) -> LoadedModel:
         """The loaded model, or a 503 that says why there is none."""
@@ -211,6 +228,8 @@ class Engine:
             raise ModelNotReadyError(
                 f"The model {self.settings.model_name} is still loading; retry in a moment.", code="model_loading"
             )
+        if self.error_code == "engine_dead":
+            raise ModelNotReadyError(self.error or "The inference thread stopped.", code=self.error_code)
         raise ModelNotReadyError(f"The model failed to load: {self.error}", code="model_load_failed")
 
     async def build_inputs(self, turns: list[ChatTurn], bounds: PixelBounds | None = None) -> ModelInputs:
@@ -225,26 +244,47 @@ class Engine:
 
         Raises QueueFullError (429) when MAX_QUEUE requests already wait.
         """
+        [stream] = self.generate_many([(request_id, params)], inputs)
+        return stream
+
+    def generate_many(self, choices: list[tuple[str, SamplingParams]], inputs: ModelInputs) -> list[GenerationStream]:
+        """Queue one generation per (request id, sampling) on the same prompt, all or none: a 429 leaves
+        nothing queued, so no choice runs for a client that was refused."""
         self.require_ready()
         assert self.scheduler is not None
         if self._relay is None:
             self._relay = EventRelay(asyncio.get_running_loop())
+        jobs, streams = [], []
+        for request_id, params in choices:
+            queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+            job = GenerationJob(request_id, inputs, params, self._emitter(queue))
+            job.deadline = job.submitted_at + self.settings.request_timeout_seconds
+            jobs.append(job)
+            streams.append(GenerationStream(job, queue))
+        self.scheduler.submit(*jobs)
+        return streams
+
+    def _emitter(self, queue: asyncio.Queue):
+        """The `emit` of one job: final events go to the listeners (stats, metrics), every event to `queue`."""
         relay = self._relay
-        queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        assert relay is not None
 
         def emit(event: GenerationEvent) -> None:
             if not isinstance(event, TextDelta):
                 for listener in self.listeners:
-                    listener(event)
+                    try:
+                        listener(event)
+                    except Exception:  # a statistic must never cost a request its answer, or the thread
+                        logger.exception("a generation listener failed")
             relay.put(queue, event)
 
-        job = GenerationJob(request_id, inputs, params, emit)
-        job.deadline = job.submitted_at + self.settings.request_timeout_seconds
-        self.scheduler.submit(job)
-        return GenerationStream(job, queue)
+        return emit
 
     async def shutdown(self) -> None:
-        """Stop every queued or running generation at its next step (each ends with `abort`), then the thread."""
+        """Stop every queued or running generation at its next step (each ends with `abort`), then the thread.
+
+        During a load, the load is let finish (it cannot be interrupted) and the thread then ends."""
+        self._shutting_down = True
         if self.scheduler is not None:
             self.scheduler.stop()
         if self._thread is not None:

@@ -143,6 +143,15 @@ def _eos_token_ids(tokenizer: Any, generation_config: GenerationConfig | None) -
     return frozenset(ids)
 
 
+def _authors_generation_config(checkpoint: str) -> GenerationConfig | None:
+    """The checkpoint's own generation_config.json, or None. (A loaded model always has a generation config:
+    without the file transformers makes one with `do_sample: false`, which is nobody's choice of greedy.)"""
+    try:
+        return GenerationConfig.from_pretrained(checkpoint)
+    except OSError:
+        return None
+
+
 def _generation_defaults(generation_config: GenerationConfig | None) -> GenerationDefaults:
     """Sampling defaults the model's authors chose; a config with `do_sample: false` means greedy."""
     if generation_config is None:
@@ -205,7 +214,7 @@ def load_model(settings: Settings) -> LoadedModel:
         max_model_len=_context_length(config, settings),
         eos_token_ids=_eos_token_ids(tokenizer, generation_config),
         image_token_id=getattr(config, "image_token_id", None) if is_multimodal else None,
-        generation_defaults=_generation_defaults(generation_config),
+        generation_defaults=_generation_defaults(_authors_generation_config(checkpoint)),
         parameter_count=sum(parameter.numel() for parameter in model.parameters()),
         load_seconds=time.perf_counter() - started,
     )

@@ -8,6 +8,8 @@ done here because that class also insists on a video processor (torchvision), wh
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +20,11 @@ from backend.errors import InvalidImageError, InvalidRequestError
 from backend.media.resize import PixelBounds, resize_for_model
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
-# Tokens that only the server may place: a user typing them would desynchronise images and placeholders.
-RESERVED_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+# Each text of the conversation enters the template as a marker made of private-use characters, so that the
+# rendered prompt can be cut into what the template wrote (its control tokens) and what the messages say.
+_TEXT_MARKER = re.compile("\ue000(\\d+)\ue001")
+# Texts longer than this are tokenised in pieces (cut before a space), so that counting can stop early.
+_TEXT_PIECE_CHARS = 16384
 
 
 @dataclass
@@ -51,7 +56,12 @@ class ModelInputs:
 
 
 class PromptBuilder:
-    """Applies the chat template, tokenises, and runs the image processor for one model."""
+    """Applies the chat template, tokenises, and runs the image processor for one model.
+
+    Message texts are tokenised as plain text: a user (or a tool result, or a relayed document) that writes
+    `<|im_end|>\n<|im_start|>system` gets those characters, never the control tokens, so no text can end its
+    turn, open a system turn or place an image. Only the chat template itself writes control tokens.
+    """
 
     def __init__(
         self,
@@ -60,28 +70,41 @@ class PromptBuilder:
         image_processor: Any | None,
         image_token_id: int | None,
         system_prompt: str = "",
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        # A second tokenizer that always splits special tokens. Passing `split_special_tokens` per call would
+        # flip a flag on the shared Rust tokenizer, which prompts built in other threads would see.
+        self._text_tokenizer = copy.deepcopy(tokenizer)
+        self._text_tokenizer.split_special_tokens = True
+        self._text_tokenizer.model_max_length = 1 << 62  # lengths are checked here, not warned about per piece
         self._chat_template = chat_template
         self._image_processor = image_processor
         self._image_token_id = image_token_id
         self._system_prompt = system_prompt
+        self._max_prompt_tokens = max_prompt_tokens
         self._merge_length = getattr(image_processor, "merge_size", 2) ** 2
 
-    def template_messages(self, turns: list[ChatTurn]) -> tuple[list[dict], list[Image.Image], list[str]]:
-        """The conversation as the chat template expects it, plus its images (and their sources) in order."""
+    def template_messages(self, turns: list[ChatTurn]) -> tuple[list[dict], list[str], list[Image.Image], list[str]]:
+        """The conversation as the chat template expects it, with each text replaced by a marker; the texts,
+        and the images (and their sources) in order."""
         messages: list[dict] = []
+        texts: list[str] = []
         images: list[Image.Image] = []
         sources: list[str] = []
+
+        def marker(text: str) -> str:
+            texts.append(text)
+            return f"\ue000{len(texts) - 1}\ue001"
+
         if self._system_prompt and not any(turn.role == "system" for turn in turns):
-            messages.append({"role": "system", "content": self._system_prompt})
+            messages.append({"role": "system", "content": marker(self._system_prompt)})
         for turn in turns:
             content: list[dict] = []
             turn_images = iter(turn.image_sources)
             for part in turn.parts:
                 if isinstance(part, str):
-                    self._reject_reserved_tokens(part, turn.source)
-                    content.append({"type": "text", "text": part})
+                    content.append({"type": "text", "text": marker(part)})
                 else:
                     if self._image_processor is None:
                         raise InvalidRequestError(
@@ -96,27 +119,42 @@ class PromptBuilder:
             messages.append(
                 {"role": turn.role, "content": "".join(item["text"] for item in content) if only_text else content}
             )
-        return messages, images, sources
+        return messages, texts, images, sources
 
     def build(self, turns: list[ChatTurn], bounds: PixelBounds) -> ModelInputs:
         """Tokenise the conversation and its images; ends with an open assistant turn."""
-        messages, images, sources = self.template_messages(turns)
-        text = self._tokenizer.apply_chat_template(
+        messages, texts, images, sources = self.template_messages(turns)
+        text_ids = self._tokenize_texts(texts)
+        rendered = self._tokenizer.apply_chat_template(
             messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
         )
-        if not images:
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-            return ModelInputs(input_ids=torch.tensor([ids], dtype=torch.long))
-
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        if len(pieces) - 1 != len(images):
+        # Even pieces are the template's own text, odd ones the index of a message text.
+        pieces = _TEXT_MARKER.split(rendered)
+        template_pieces = pieces[0::2]
+        placeholders = sum(piece.count(IMAGE_PLACEHOLDER) for piece in template_pieces)
+        if placeholders != len(images):
             raise InvalidRequestError(
-                f"The chat template placed {len(pieces) - 1} image placeholders for {len(images)} images."
+                f"The chat template placed {placeholders} image placeholders for {len(images)} images."
             )
-        pixel_values, grid = self._process_images(images, sources, bounds)
-        counts = [int(row.prod()) // self._merge_length for row in grid]
-        expanded = pieces[0] + "".join(IMAGE_PLACEHOLDER * count + piece for count, piece in zip(counts, pieces[1:]))
-        input_ids = torch.tensor([self._tokenizer(expanded, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+        counts: list[int] = []
+        pixel_values = grid = None
+        if images:
+            pixel_values, grid = self._process_images(images, sources, bounds)
+            counts = [int(row.prod()) // self._merge_length for row in grid]
+            expanded, remaining = [], iter(counts)
+            for piece in template_pieces:
+                parts = piece.split(IMAGE_PLACEHOLDER)
+                expanded.append(parts[0] + "".join(IMAGE_PLACEHOLDER * next(remaining) + rest for rest in parts[1:]))
+            template_pieces = expanded
+        template_ids = self._tokenizer(template_pieces, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for index, piece_ids in enumerate(template_ids):
+            ids += piece_ids
+            if index < len(template_ids) - 1:
+                ids += text_ids[int(pieces[2 * index + 1])]
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        if not images:
+            return ModelInputs(input_ids=input_ids)
         patch = getattr(self._image_processor, "patch_size", 14)
         return ModelInputs(
             input_ids=input_ids,
@@ -126,6 +164,32 @@ class PromptBuilder:
             image_token_counts=counts,
             resized_image_sizes=[(int(row[2]) * patch, int(row[1]) * patch) for row in grid],
         )
+
+    def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
+        """Each message text as plain-text token ids (special tokens split into ordinary characters).
+
+        Long texts go in pieces and counting stops once the prompt cannot fit the context: an 8 MB message
+        is refused after tokenising about a context's worth of it, not all of it.
+        """
+        limit = self._max_prompt_tokens
+        result: list[list[int]] = []
+        total = 0
+        for text in texts:
+            ids: list[int] = []
+            for piece in _pieces(text, _TEXT_PIECE_CHARS):
+                ids += self._text_tokenizer(piece, add_special_tokens=False)["input_ids"]
+                # Cutting a text may split one token in two: allow one extra token per cut before refusing.
+                if limit is not None and total + len(ids) - len(text) // _TEXT_PIECE_CHARS > limit:
+                    raise InvalidRequestError(
+                        f"This model's maximum context length is {limit} tokens, and the messages are longer "
+                        f"than that (counting stopped after {total + len(ids)} tokens). Please reduce the "
+                        "length of the messages.",
+                        param="messages",
+                        code="context_length_exceeded",
+                    )
+            total += len(ids)
+            result.append(ids)
+        return result
 
     def _process_images(
         self, images: list[Image.Image], sources: list[str], bounds: PixelBounds
@@ -146,13 +210,18 @@ class PromptBuilder:
             grids.append(processed["image_grid_thw"])
         return torch.cat(pixel_values), torch.cat(grids)
 
-    @staticmethod
-    def _reject_reserved_tokens(text: str, source: str) -> None:
-        for token in RESERVED_VISION_TOKENS:
-            if token in text:
-                raise InvalidRequestError(
-                    f"The text of {source} contains the model's reserved token {token}; send images as "
-                    "image_url parts.",
-                    param=source,
-                    code="reserved_token",
-                )
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, each cut before a space where there is one (Qwen's
+    pre-tokenizer starts a word with its space, so it splits there anyway): the pieces tokenise as the whole."""
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start, end)
+            end = cut if cut > start else end  # the space starts the next piece, as it starts the next word
+        pieces.append(text[start:end])
+        start = end
+    return pieces

@@ -37,7 +37,9 @@ class SamplingParams:
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A private random generator for one request, on the device where its logits live."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    # torch takes seeds in [0, 2**64); any integer (a negative seed, or seed + choice index past 2**63) is
+    # folded into that range rather than raising on the inference thread.
+    generator.manual_seed(seed % 2**64 if seed is not None else secrets.randbits(63))
     return generator
 
 

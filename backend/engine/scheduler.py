@@ -45,7 +45,9 @@ class Scheduler:
         self._waiting: deque[GenerationJob] = deque()
         self._condition = threading.Condition()
         self._stopping = False
+        self._failure: Exception | None = None  # set when the inference thread has died: every submit gets it
         self.peak_running = 0  # the largest batch so far, for /health
+        self.peak_waiting = 0  # the longest queue so far, for /health
         # Where the inference thread's time goes (for /health and scripts/bench.py).
         self.prefill_passes = 0
         self.prefill_seconds = 0.0
@@ -54,14 +56,20 @@ class Scheduler:
 
     # --- called from the event loop ---
 
-    def submit(self, job: GenerationJob) -> None:
-        """Queue a job; 429 when MAX_QUEUE jobs already wait, 503 once shutdown has begun."""
+    def submit(self, *jobs: GenerationJob) -> None:
+        """Queue jobs (the `n` choices of one request) all or none: 429 when they would take the queue past
+        MAX_QUEUE, 503 once shutdown has begun or the inference thread has stopped."""
         with self._condition:
+            if self._failure is not None:
+                raise self._failure
             if self._stopping:
                 raise ModelNotReadyError("The server is shutting down.", code="shutting_down")
-            if len(self._waiting) >= self.max_queue:
+            # Jobs that the next step will admit into free batch rows are not "waiting beyond the batch".
+            free_rows = max(0, self.max_batch_size - len(self.batch))
+            if len(self._waiting) + len(jobs) > self.max_queue + free_rows:
                 raise QueueFullError(self.max_queue, retry_after_seconds=max(1, len(self.batch) // 4))
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
+            self.peak_waiting = max(self.peak_waiting, len(self._waiting))
             self._condition.notify()
 
     def stop(self) -> None:
@@ -71,6 +79,17 @@ class Scheduler:
             for job in [*self._waiting, *(row.job for row in self.batch.rows)]:
                 job.cancelled.set()
             self._condition.notify()
+
+    def fail_everything(self, error: Exception) -> None:
+        """The inference thread has stopped for good: answer every waiting and running job with `error`, and
+        every later `submit` too, so no request waits for a thread that will never step again."""
+        with self._condition:
+            self._failure = error
+            jobs = [*self._waiting, *(row.job for row in self.batch.rows)]
+            self._waiting.clear()
+        self.batch.clear()
+        for job in jobs:
+            _emit_failure(job, error)
 
     @property
     def waiting(self) -> int:
@@ -85,7 +104,11 @@ class Scheduler:
     # --- the inference thread ---
 
     def run(self) -> None:
-        """Serve until `stop` and until every job has been answered."""
+        """Serve until `stop` and until every job has been answered.
+
+        No request's failure may end this loop: whatever escapes a step fails the running batch (the only
+        requests whose state it could have touched) and the loop goes on with the queue.
+        """
         while True:
             with self._condition:
                 if not self._waiting and not self.batch.rows and not self._stopping:
@@ -94,7 +117,11 @@ class Scheduler:
                     self._condition.wait()
                 if self._stopping and not self._waiting and not self.batch.rows:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:
+                logger.exception("a scheduler step failed; failing its %d running sequences", len(self.batch))
+                self._fail_batch(as_api_error(exc))
 
     def step(self) -> bool:
         """One turn: admit what fits, then one decode step. Returns whether any work is left."""
@@ -149,6 +176,13 @@ class Scheduler:
         else:
             job.emit(Failed(timeout_error(job)))
 
+    def _fail_batch(self, error: Exception) -> None:
+        """Answer every running sequence with `error` and empty the batch."""
+        rows = self.batch.rows
+        self.batch.clear()
+        for row in rows:
+            _emit_failure(row.job, error)
+
     def _start(self, jobs: list[GenerationJob]) -> None:
         """Prefill admitted jobs (text prompts together, image prompts one by one) and let them join."""
         now = time.perf_counter()
@@ -168,22 +202,30 @@ class Scheduler:
             self._prefill_group(group)
 
     def _prefill_group(self, jobs: list[GenerationJob]) -> None:
-        """One prefill forward pass for `jobs`; each chooses its first token and joins unless already done."""
+        """One prefill forward pass for `jobs`; each chooses its first token and joins unless already done.
+
+        Every failure here (a bad request's sampling state, out of memory in the pass or while the batch
+        grows) ends only these jobs: the running batch is left as it was.
+        """
         started = time.perf_counter()
-        rows = [SequenceState(self.loaded, job, started) for job in jobs]
+        rows: list[SequenceState] = []
+        for job in jobs:
+            try:
+                rows.append(SequenceState(self.loaded, job, started))
+            except Exception as exc:
+                _emit_failure(job, as_api_error(exc))
+        if not rows:
+            return
         self.prefill_passes += 1
         try:
             with torch.inference_mode():
-                prefilled = prefill(self.loaded, [job.inputs for job in jobs])
+                prefilled = prefill(self.loaded, [row.job.inputs for row in rows])
             self.prefill_seconds += time.perf_counter() - started
         except Exception as exc:  # these requests only; the thread and the running batch carry on
-            if isinstance(exc, torch.OutOfMemoryError):
-                free_accelerator_cache()
-                exc = out_of_memory_error()
-            else:
-                logger.debug("prefill failed", exc_info=True)
+            logger.debug("prefill failed", exc_info=True)
+            error = as_api_error(exc)
             for row in rows:
-                row.fail(exc)
+                row.fail(error)
             return
         joining, tokens, keep = [], [], []
         for index, row in enumerate(rows):
@@ -191,26 +233,32 @@ class Scheduler:
             try:
                 token = row.choose(prefilled.logits[index])
                 reason = row.accept(token)
+                if reason is None and row.job.cancelled.is_set():
+                    reason = "abort"
+                if reason is not None:
+                    row.finish(reason)
+                    continue
             except Exception as exc:
-                row.fail(exc)
-                continue
-            if reason is None and row.job.cancelled.is_set():
-                reason = "abort"
-            if reason is not None:
-                row.finish(reason)
+                row.fail(as_api_error(exc))
                 continue
             joining.append(row)
             tokens.append(token)
             keep.append(index)
         if not joining:
             return
-        if len(keep) < len(rows):  # some ended at their first token: keep only the others' cache rows
-            selector = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
-            for layer in prefilled.cache.layers:
-                layer.keys = layer.keys.index_select(0, selector)
-                layer.values = layer.values.index_select(0, selector)
-            prefilled.mask = prefilled.mask.index_select(0, selector)
-        self.batch.add(joining, prefilled.cache, prefilled.mask, tokens)
+        try:
+            if len(keep) < len(rows):  # some ended at their first token: keep only the others' cache rows
+                selector = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
+                for layer in prefilled.cache.layers:
+                    layer.keys = layer.keys.index_select(0, selector)
+                    layer.values = layer.values.index_select(0, selector)
+                prefilled.mask = prefilled.mask.index_select(0, selector)
+            self.batch.add(joining, prefilled.cache, prefilled.mask, tokens)
+        except Exception as exc:  # growing the batch failed (out of memory in torch.cat): these rows only
+            logger.debug("joining the batch failed", exc_info=True)
+            error = as_api_error(exc)
+            for row in joining:
+                row.fail(error)
 
     def _decode_step(self) -> None:
         """One forward pass for the batch; each row chooses, emits, and leaves if it has ended."""
@@ -220,14 +268,9 @@ class Scheduler:
             with torch.inference_mode():
                 logits = self.batch.step()
         except Exception as exc:  # the step is shared: every running request gets the error
-            if isinstance(exc, torch.OutOfMemoryError):
-                free_accelerator_cache()
-                exc = out_of_memory_error()
-            else:
+            if not isinstance(exc, torch.OutOfMemoryError):
                 logger.exception("decode step failed for %d sequences", len(self.batch))
-            for row in self.batch.rows:
-                row.fail(exc)
-            self.batch.remove(list(range(len(self.batch))))
+            self._fail_batch(as_api_error(exc))
             return
         now = time.perf_counter()
         ended: list[int] = []
@@ -235,23 +278,48 @@ class Scheduler:
             try:
                 token = row.choose(logits[index])
                 reason = row.accept(token)
+                if reason is None and (row.job.cancelled.is_set() or self._stopping):
+                    reason = "abort"
+                if reason is None and row.job.expired(now):
+                    row.fail(timeout_error(row.job))
+                    ended.append(index)
+                    continue
+                if reason is not None:
+                    row.finish(reason)
+                    ended.append(index)
+                else:
+                    self.batch.next_tokens[index] = token
             except Exception as exc:
-                row.fail(exc)
+                row.fail(as_api_error(exc))
                 ended.append(index)
-                continue
-            if reason is None and (row.job.cancelled.is_set() or self._stopping):
-                reason = "abort"
-            if reason is None and row.job.expired(now):
-                row.fail(timeout_error(row.job))
-                ended.append(index)
-                continue
-            if reason is not None:
-                row.finish(reason)
-                ended.append(index)
-            else:
-                self.batch.next_tokens[index] = token
-        self.batch.remove(ended)
+        try:
+            self.batch.remove(ended)
+        except Exception as exc:  # shrinking the cache failed: the rows still in it cannot go on
+            logger.debug("shrinking the batch failed", exc_info=True)
+            ended_rows = {id(self.batch.rows[index]) for index in ended}
+            survivors = [row for row in self.batch.rows if id(row) not in ended_rows]
+            self.batch.clear()
+            error = as_api_error(exc)
+            for row in survivors:
+                row.fail(error)
         self.decode_seconds += time.perf_counter() - started
+
+
+def as_api_error(exc: Exception) -> Exception:
+    """What a request's client is told about an exception on the inference thread: an accelerator
+    out-of-memory becomes the 503 `out_of_memory` (after the cache is freed); anything else is passed on."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        free_accelerator_cache()
+        return out_of_memory_error()
+    return exc
+
+
+def _emit_failure(job: GenerationJob, error: Exception) -> None:
+    """Tell one job's client it failed; a broken listener must not take the inference thread with it."""
+    try:
+        job.emit(Failed(error))
+    except Exception:
+        logger.exception("could not deliver the failure of %s", job.request_id)
 
 
 def generate_alone(loaded: LoadedModel, job: GenerationJob) -> None:

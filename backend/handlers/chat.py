@@ -193,21 +193,22 @@ class ChatCompletionHandler:
             preprocessing_seconds=time.perf_counter() - started,
         )
 
-    def _start(self, prepared: PreparedChat) -> list[GenerationStream]:
-        """Queue one generation per choice."""
-        return [
-            self._engine.generate(f"{prepared.request_id}-{index}", prepared.inputs, params)
-            for index, params in enumerate(prepared.choices)
-        ]
+    def start(self, prepared: PreparedChat) -> list[GenerationStream]:
+        """Queue one generation per choice, all or none (a 429 or 503 leaves nothing running)."""
+        choices = [(f"{prepared.request_id}-{index}", params) for index, params in enumerate(prepared.choices)]
+        return self._engine.generate_many(choices, prepared.inputs)
 
     async def generate_all(self, prepared: PreparedChat, log: dict | None = None) -> list[GenerationResult]:
         """Generate every choice to the end (logged); a failure or cancellation stops them all."""
-        tasks = [asyncio.ensure_future(stream.collect()) for stream in self._start(prepared)]
+        streams = self.start(prepared)
+        tasks = [asyncio.ensure_future(stream.collect()) for stream in streams]
         try:
             results: list[GenerationResult] = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:  # one choice failed or the client left: stop the others too
                 task.cancel()
+            for stream in streams:  # a task cancelled before it ran never reached its own clean-up
+                stream.cancel()
             raise
         self._log(prepared, [result.finish for result in results], log)
         return results
@@ -231,11 +232,17 @@ class ChatCompletionHandler:
         )
 
     async def stream(
-        self, prepared: PreparedChat, include_usage: bool, suffix: str = "", log: dict | None = None
+        self,
+        prepared: PreparedChat,
+        streams: list[GenerationStream],
+        include_usage: bool,
+        suffix: str = "",
+        log: dict | None = None,
     ) -> AsyncIterator[str]:
         """The answer as SSE: per choice a role chunk, content chunks (then `suffix`, if any), a chunk with
-        `finish_reason`; then the usage chunk if asked for, and `[DONE]`. Keep-alives fill quiet intervals."""
-        streams = self._start(prepared)
+        `finish_reason`; then the usage chunk if asked for, and `[DONE]`. Keep-alives fill quiet intervals.
+
+        `streams` were started (`start`) before the response began, so a full queue is a real 429."""
         keepalive = self._settings.stream_keepalive_seconds
         finishes: list[Finished] = []
         content = ContentChunks(prepared.request_id, prepared.created, self._settings.model_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -42,9 +42,29 @@ def error_event(exc: BaseException) -> str:
     )
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends: finished, failed, or the client gone.
+
+    The generations behind a stream are started before the response (so a full queue is a real 429); if
+    the client leaves before the first chunk, the event generator never runs its own clean-up, so this is
+    where they are stopped.
+    """
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
+        super().__init__(events, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+
+def sse_response(events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> StreamingResponse:
     """A streaming response of SSE text. Starlette cancels `events` when the client disconnects."""
-    return StreamingResponse(events, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
+    return EventStreamResponse(events, on_close)
 
 
 class ClientDisconnected(Exception):
@@ -78,6 +98,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T], log: dict | 
         if not work_task.done():
             work_task.cancel()
         watcher.cancel()
+        # A cancelled task is only done once it has run its clean-up: wait for that (whatever it ends with),
+        # or reading its result below would find it still pending.
+        await asyncio.wait({work_task})
     if work_task.cancelled():
         if log is not None:
             log["client_disconnected"] = True

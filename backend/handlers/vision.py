@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from backend.engine.engine import Engine
+from backend.engine.engine import Engine, GenerationStream
 from backend.engine.prompt import ChatTurn
 from backend.errors import InvalidRequestError, UnsupportedMediaTypeError
 from backend.handlers.chat import ChatCompletionHandler, PreparedChat, check_model_name
@@ -70,7 +70,7 @@ def form_to_body(fields: dict[str, str]) -> dict:
             continue
         try:
             body[name] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: `[[[[...` nested past the parser's depth
             body[name] = value  # validation then names the field and what it expected
     return body
 
@@ -152,10 +152,14 @@ class VisionHandler:
         chat = await self._chat.prepare_turns(body, [turn], images, started, "vision")
         return PreparedVision(body, chat, self._settings.medical_disclaimer.strip())
 
-    def stream(self, prepared: PreparedVision, log: dict | None = None):
+    def start(self, prepared: PreparedVision) -> list[GenerationStream]:
+        """Queue the analysis (429 when the queue is full)."""
+        return self._chat.start(prepared.chat)
+
+    def stream(self, prepared: PreparedVision, streams: list[GenerationStream], log: dict | None = None):
         """SSE in the chat chunk format; the disclaimer arrives as the last content chunk."""
         suffix = f"\n\n{prepared.disclaimer}" if prepared.disclaimer else ""
-        return self._chat.stream(prepared.chat, prepared.body.include_usage, suffix=suffix, log=log)
+        return self._chat.stream(prepared.chat, streams, prepared.body.include_usage, suffix=suffix, log=log)
 
     async def complete(self, prepared: PreparedVision, log: dict | None = None) -> VisionAnalyzeResponse:
         """Generate the whole analysis."""

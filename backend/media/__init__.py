@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anyio import to_thread
-from PIL import Image
+from anyio import CapacityLimiter, to_thread
 
 from backend.errors import InvalidRequestError
-from backend.media.decode import bytes_from_inline, decode_image
+from backend.media.decode import DecodedImage, DecodeLimits, bytes_from_inline, decode_image
 from backend.media.fetch import FetchPolicy, ImageFetcher
 from backend.settings import Settings
+
+__all__ = ["DecodedImage", "ImageInput", "ImageIntake"]
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,13 @@ class ImageInput:
     data: bytes | None = None
 
 
-@dataclass(frozen=True)
-class DecodedImage:
-    """An image ready for the model's resize: RGB, upright, with the size it arrived in."""
-
-    source: str
-    image: Image.Image
-
-    @property
-    def original_size(self) -> tuple[int, int]:
-        """(width, height) as decoded, after EXIF rotation."""
-        return self.image.size
-
-
 class ImageIntake:
     """Loads the images of one request under the operator's limits (see `.env.example`, images)."""
 
     def __init__(self, settings: Settings, fetcher: ImageFetcher | None = None) -> None:
         self._settings = settings
+        # Decoding is the one step whose memory grows with what a client sends: a few at a time, server-wide.
+        self._decoders = CapacityLimiter(settings.max_concurrent_image_decodes)
         self._fetcher = fetcher or ImageFetcher(
             FetchPolicy(
                 allowed_domains=tuple(settings.image_url_allowed_domains),
@@ -63,12 +53,19 @@ class ImageIntake:
                 code="too_many_images",
             )
         decoded = []
+        budget = self._settings.max_request_image_pixels
         for item in inputs:
             data = await self._bytes_of(item)
-            image = await to_thread.run_sync(
-                decode_image, data, item.source, self._settings.max_image_bytes, self._settings.max_image_pixels
+            limits = DecodeLimits(
+                max_bytes=self._settings.max_image_bytes,
+                max_pixels=self._settings.max_image_pixels,
+                budget_pixels=budget,
+                # Twice the model's largest side keeps every detail the resize to MAX_PIXELS can use.
+                keep_pixels=4 * self._settings.max_pixels,
             )
-            decoded.append(DecodedImage(item.source, image))
+            image = await to_thread.run_sync(decode_image, data, item.source, limits, limiter=self._decoders)
+            budget -= image.decoded_pixels
+            decoded.append(image)
         return decoded
 
     async def _bytes_of(self, item: ImageInput) -> bytes:

@@ -69,7 +69,9 @@ class ImageFetcher:
         try:
             async with httpx.AsyncClient(transport=self._transport, follow_redirects=False, trust_env=False) as client:
                 for _ in range(MAX_REDIRECTS + 1):
-                    address = await self._check(url, source)
+                    # The name lookup is inside the deadline too: a stalling resolver must not hold the request.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                        address = await self._check(url, source)
                     response_or_next = await self._get(client, url, address, source, deadline)
                     if isinstance(response_or_next, bytes):
                         return response_or_next
@@ -80,9 +82,12 @@ class ImageFetcher:
                 param=source,
                 code="image_url_timeout",
             ) from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # The exception's text names the address connected to: not for the client's eyes.
             raise InvalidImageError(
-                f"Could not fetch the image at {source}: {exc}", param=source, code="image_url_unreachable"
+                f"Could not fetch the image at {source} ({type(exc).__name__}).",
+                param=source,
+                code="image_url_unreachable",
             ) from exc
         raise InvalidImageError(
             f"The image URL at {source} redirected more than {MAX_REDIRECTS} times.",
@@ -92,14 +97,19 @@ class ImageFetcher:
 
     async def _check(self, url: str, source: str) -> str:
         """Validate scheme, domain and resolved addresses; return the address to connect to."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port  # `port` raises for `:abc` or `:99999`
+        except ValueError as exc:  # `http://[::1/`, a bad port
+            raise InvalidImageError(
+                f"The image URL at {source} is not a valid URL ({exc}).", param=source, code="invalid_image_url"
+            ) from exc
+        if parts.scheme not in ("http", "https") or not host:
             raise InvalidImageError(
                 f"The image URL at {source} must be http(s) with a host name.",
                 param=source,
                 code="image_url_not_allowed",
             )
-        host = parts.hostname
         if not self.policy.allows_host(host):
             raise InvalidImageError(
                 f"The image URL at {source} points to {host}, which is not in IMAGE_URL_ALLOWED_DOMAINS.",
@@ -108,9 +118,9 @@ class ImageFetcher:
             )
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+                host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
             )
-        except socket.gaierror as exc:
+        except (socket.gaierror, UnicodeError, ValueError) as exc:  # UnicodeError: an IDNA label over 63 chars
             raise InvalidImageError(
                 f"The host {host} of the image URL at {source} does not resolve.",
                 param=source,
@@ -120,9 +130,10 @@ class ImageFetcher:
         if not self.policy.allow_private_networks:
             for address in addresses:
                 if not is_public_address(address):
+                    # Which address is not said: the answer must not map the pod's network for the client.
                     raise InvalidImageError(
-                        f"The image URL at {source} resolves to {address}, a loopback, private, link-local or "
-                        "reserved address; this server only fetches from public addresses.",
+                        f"The image URL at {source} resolves to a loopback, private, link-local or reserved "
+                        "address; this server only fetches from public addresses.",
                         param=source,
                         code="image_url_not_allowed",
                     )
@@ -131,11 +142,13 @@ class ImageFetcher:
     async def _get(self, client: httpx.AsyncClient, url: str, address: str, source: str, deadline: float):
         """One request to the checked address: the body bytes, or the URL of a redirect."""
         parts = urlsplit(url)
+        target = httpx.URL(url)  # the host in its ASCII (IDNA) form, as Host and SNI need it
         host_for_url = f"[{address}]" if ":" in address else address
         netloc = host_for_url + (f":{parts.port}" if parts.port else "")
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
-        request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": parts.hostname})
+        headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*"}
+        sni = target.raw_host.decode("ascii")
+        request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": sni})
         remaining = max(deadline - time.monotonic(), 0.001)
         async with asyncio.timeout(remaining):
             response = await client.send(request, stream=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from backend.errors import ImageTooLargeError, InvalidRequestError, RequestTooLargeError
@@ -75,6 +76,11 @@ class _PartCollector:
     def _part_end(self) -> None:
         options = self._disposition()
         name = options.get(b"name", b"").decode("utf-8", "replace")
+        if not name:
+            raise InvalidRequestError(
+                "A part of the multipart/form-data body has no name (Content-Disposition: form-data; name=...).",
+                code="invalid_multipart",
+            )
         if b"filename" in options:
             self.form.files.append(
                 UploadedFile(
@@ -100,10 +106,15 @@ async def read_multipart(request: Request, max_body_bytes: int, max_file_bytes: 
     collector = _PartCollector(max_file_bytes)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_body_bytes:
-            raise RequestTooLargeError(max_body_bytes)
-        parser.write(chunk)
-    parser.finalize()
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_body_bytes:
+                raise RequestTooLargeError(max_body_bytes)
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidRequestError(
+            f"The multipart/form-data body is malformed: {exc}", code="invalid_multipart"
+        ) from exc
     return collector.form

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from backend.errors import InvalidRequestError
-from backend.protocol.common import Usage
+from backend.protocol.common import RequestBody, Usage
 
 Number = StrictFloat | StrictInt
 
@@ -73,7 +73,7 @@ UNSUPPORTED_WHEN_SET = {
 }
 
 
-class GenerationOptions(BaseModel):
+class GenerationOptions(RequestBody):
     """Sampling, length and image-size fields shared by chat completions and `/v1/vision/analyze`."""
 
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, store, ...) are ignored
@@ -86,7 +86,8 @@ class GenerationOptions(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    # OpenAI's seed is a 64-bit signed integer; anything wider cannot seed a generator.
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     repetition_penalty: Number | None = Field(None, gt=0, le=10)

@@ -30,7 +30,11 @@ async def create_chat_completion(
     log = request_log(request)
     prepared = await unless_disconnected(request, handler.prepare(body), log)
     if body.stream:
-        return sse_response(handler.stream(prepared, body.include_usage, log=log))
+        streams = handler.start(prepared)  # before the headers: a full queue is a 429, not a broken stream
+        return sse_response(
+            handler.stream(prepared, streams, body.include_usage, log=log),
+            on_close=lambda: [stream.cancel() for stream in streams],
+        )
     try:
         return await unless_disconnected(request, handler.complete(prepared, log), log)
     except ClientDisconnected:

@@ -5,20 +5,27 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from backend.dependencies import EngineDep
 from backend.engine.devices import memory_report
-from backend.errors import error_body
+from backend.errors import ModelNotReadyError, error_body
 from backend.protocol.health import HealthResponse
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-async def health(engine: EngineDep) -> JSONResponse:
-    """Readiness and details of the loaded model: 200 when ready, 503 while loading or after a failed load."""
+async def health(engine: EngineDep, request: Request) -> JSONResponse:
+    """Readiness and details of the loaded model: 200 when ready, 503 while loading or after a failed load.
+
+    When API keys are set, a caller without one (a load balancer) gets the status alone: the model's path,
+    memory and error texts are for the operator.
+    """
+    status = 200 if engine.state == "ready" else 503
+    if not request.scope.get("state", {}).get("authorized", True):
+        return JSONResponse({"status": engine.state}, status_code=status)
     settings = engine.settings
     body = HealthResponse(
         status=engine.state,
@@ -35,6 +42,7 @@ async def health(engine: EngineDep) -> JSONResponse:
             "running": scheduler.running,
             "waiting": scheduler.waiting,
             "peak_running": scheduler.peak_running,
+            "peak_waiting": scheduler.peak_waiting,
             "max_batch_size": scheduler.max_batch_size,
             "max_queue": scheduler.max_queue,
             "prefill_passes": scheduler.prefill_passes,
@@ -51,16 +59,23 @@ async def health(engine: EngineDep) -> JSONResponse:
         body.parameters = loaded.parameter_count
         body.max_model_len = loaded.max_model_len
         body.load_seconds = round(loaded.load_seconds, 3)
-    status = 200 if engine.state == "ready" else 503
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
 
 @router.get("/ping", status_code=200, responses={204: {"description": "still loading"}, 503: {}})
-async def ping(engine: EngineDep) -> Response:
+async def ping(engine: EngineDep, request: Request) -> Response:
     """200 when ready, 204 while the model loads, 503 when loading failed."""
     if engine.state == "ready":
         return JSONResponse({"status": "healthy"})
     if engine.state == "loading":
         return Response(status_code=204)
-    body = error_body(f"The model failed to load: {engine.error}", "service_unavailable", code="model_load_failed")
+    # The reason is for the operator; a probe without a key (when keys are set) only learns that it failed.
+    try:
+        engine.require_ready()
+        message = "The model is not available."
+    except ModelNotReadyError as exc:
+        message = (
+            exc.message if request.scope.get("state", {}).get("authorized", True) else "The model is not available."
+        )
+    body = error_body(message, "service_unavailable", code=engine.error_code)
     return JSONResponse(body, status_code=503)

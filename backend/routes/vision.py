@@ -51,7 +51,8 @@ async def analyze_image(
     log = request_log(request)
     prepared = await unless_disconnected(request, handler.prepare(request), log)
     if prepared.body.stream:
-        return sse_response(handler.stream(prepared, log))
+        streams = handler.start(prepared)  # before the headers: a full queue is a 429, not a broken stream
+        return sse_response(handler.stream(prepared, streams, log), on_close=lambda: [s.cancel() for s in streams])
     try:
         return await unless_disconnected(request, handler.complete(prepared, log), log)
     except ClientDisconnected:

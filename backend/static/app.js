@@ -100,7 +100,8 @@ let lastHealth = null;
 async function refreshHealth() {
   const dot = $("status-dot"), text = $("status-text");
   try {
-    const response = await fetch("/health", { cache: "no-store" });
+    // With keys set, /health tells a caller without one only the status; the key shows the model's name.
+    const response = await fetch("/health", { cache: "no-store", headers: headers() });
     lastHealth = await response.json();
     dot.className = "dot " + (lastHealth.status === "ready" ? "ready" : lastHealth.status === "error" ? "error" : "loading");
     text.textContent = lastHealth.status === "ready" ? t("ready") : lastHealth.status === "error" ? t("failed") : t("loading");

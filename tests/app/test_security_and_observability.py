@@ -10,6 +10,7 @@ from asgi_lifespan import LifespanManager
 from backend.app import create_app, warn_about_exposure
 from backend.logging_setup import JsonFormatter, TextFormatter
 from tests.conftest import make_settings
+from tests.helpers import access_log_statuses, server_error_lines, wait_until_idle
 
 KEYS = "sk-alpha-1111,sk-beta-2222"
 CHAT = "/v1/chat/completions"
@@ -22,7 +23,7 @@ async def keyed(tiny_vl_dir):
     async with LifespanManager(app, startup_timeout=60):
         await app.state.engine.wait_until_loaded()
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=60
         ) as client:
             yield client
 
@@ -108,37 +109,66 @@ def test_exposure_warnings(caplog, tiny_vl_dir):
     assert "CORS_ORIGINS=*" in messages[1]
 
 
-def metric_value(text: str, name: str, **labels) -> float:
+def test_the_log_checks_read_what_the_formatters_write():
+    """The e2e tests look for 5xx in a server's log with these parsers: they must find a 500 in the lines
+    the real formatters write (a check for `" 500 "` never could: the text format writes `status=500`)."""
+
+    def access(status, route="/v1/chat/completions"):
+        record = logging.LogRecord("backend.access", logging.INFO, __file__, 1, "request", None, None)
+        record.fields = {"request_id": "r", "method": "POST", "route": route, "status": status, "total_ms": 1.0}
+        return record
+
+    failure = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI app", (), None)
+    for formatter in (TextFormatter(), JsonFormatter()):
+        lines = [formatter.format(record) for record in (access(200), access(500), access(499), failure)]
+        log = "\n".join(lines)
+        assert access_log_statuses(log) == [200, 500, 499]
+        assert server_error_lines(log) == [lines[1], lines[3]]
+        # A client's path cannot hide a 5xx behind a status of its own.
+        spoofed = formatter.format(access(503, route="/x status=200 total_ms=1"))
+        assert access_log_statuses(spoofed) == [503] and server_error_lines(spoofed) == [spoofed]
+
+
+def metric_value(text: str, name: str, absent: float | None = None, **labels) -> float:
+    """A sample's value; `absent` is the value of a series not exported yet (a labelled series appears at
+    its first observation), otherwise a missing series is an error."""
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             if all(f'{key}="{value}"' in line for key, value in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
+    if absent is not None:
+        return absent
     raise AssertionError(f"{name} {labels} not in metrics")
 
 
+def metric_increase(before: str, after: str, name: str, **labels) -> float:
+    """How much a series grew between two scrapes (from nothing, if this app had not observed it yet)."""
+    return metric_value(after, name, **labels) - metric_value(before, name, absent=0.0, **labels)
+
+
 async def test_metrics_follow_vllm_names_and_count_exactly(client):
+    engine = client._transport.app.state.engine
+    await wait_until_idle(engine)  # an earlier test's request must not be counted between the two snapshots
     before = (await client.get("/metrics")).text
     response = await client.post(CHAT, json=HELLO)
     assert response.status_code == 200
     usage = response.json()["usage"]
+    await wait_until_idle(engine)  # the answer can arrive a step before its row leaves the batch
     after = (await client.get("/metrics")).text
     labels = {"model_name": "tiny"}
     for name in ("vllm:generation_tokens_total", "vllm:prompt_tokens_total"):
-        assert metric_value(after, name, **labels) - metric_value(before, name, **labels) == (
+        assert metric_increase(before, after, name, **labels) == (
             usage["completion_tokens"] if "generation" in name else usage["prompt_tokens"]
         )
-    success = "vllm:request_success_total"
-    assert (
-        metric_value(after, success, finished_reason="length") - metric_value(before, success, finished_reason="length")
-        == 1
-    )
+    assert metric_increase(before, after, "vllm:request_success_total", finished_reason="length") == 1
     for histogram in (
         "vllm:time_to_first_token_seconds",
         "vllm:inter_token_latency_seconds",
         "vllm:e2e_request_latency_seconds",
         "vllm:request_queue_time_seconds",
     ):
-        assert metric_value(after, histogram + "_count", **labels) >= 1
+        # Earlier tests on the same app observed these too: only the difference belongs to this request.
+        assert metric_increase(before, after, histogram + "_count", **labels) == 1, histogram
     assert metric_value(after, "vllm:num_requests_running", **labels) == 0
     assert metric_value(after, "vllm:num_requests_waiting", **labels) == 0
     assert metric_value(after, "shizhen:process_resident_memory_bytes", **labels) > 0
@@ -149,7 +179,7 @@ async def test_bodies_over_the_limit_are_413_before_reading(tiny_vl_dir):
     app = create_app(make_settings(tiny_vl_dir, max_request_bytes=1000))
     async with LifespanManager(app, startup_timeout=60):
         await app.state.engine.wait_until_loaded()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             big = {"messages": [{"role": "user", "content": "x" * 5000}]}
             response = await client.post(CHAT, json=big)
             assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

@@ -12,7 +12,7 @@ from asgi_lifespan import LifespanManager
 
 from backend.app import create_app
 from tests.conftest import data_uri, make_settings
-from tests.helpers import LmHeadHook, forcing, parse_sse
+from tests.helpers import LmHeadHook, forcing, parse_sse, wait_until_idle
 
 URL = "/v1/chat/completions"
 
@@ -90,6 +90,7 @@ def tongue_text_tokens(tiny_vl_dir):
 async def test_chinese_split_over_byte_tokens_arrives_whole(client, tongue_text_tokens):
     text, token_ids, end = tongue_text_tokens
     model = client._transport.app.state.engine.loaded.model
+    await wait_until_idle(client._transport.app.state.engine)  # the hook's calls are this request's alone
     with LmHeadHook(model, forcing(token_ids, end)):
         events = await stream(client, chat(max_tokens=50))
     pieces = [c["delta"]["content"] for chunk in chunks(events) for c in chunk["choices"] if c["delta"].get("content")]
@@ -102,6 +103,7 @@ async def test_chinese_split_over_byte_tokens_arrives_whole(client, tongue_text_
 async def test_stop_string_across_chunks_is_not_emitted(client, tongue_text_tokens):
     text, token_ids, end = tongue_text_tokens
     model = client._transport.app.state.engine.loaded.model
+    await wait_until_idle(client._transport.app.state.engine)  # the hook's calls are this request's alone
     with LmHeadHook(model, forcing(token_ids, end)):
         events = await stream(client, chat(max_tokens=50, stop=["红龘，苔"]))
     assert content_of(events) == "舌质淡"
@@ -114,6 +116,7 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
     def nan_after_three(call, logits):
         return torch.full_like(logits, float("nan")) if call >= 3 else logits
 
+    await wait_until_idle(client._transport.app.state.engine)  # the hook's calls are this request's alone
     with LmHeadHook(model, nan_after_three):
         events = await stream(client, chat(max_tokens=20, ignore_eos=True))
     assert events[-1] == "[DONE]"
@@ -127,18 +130,33 @@ async def test_an_error_after_the_stream_started_is_an_error_event_then_done(cli
 async def test_text_that_arrives_together_with_an_error_is_delivered_before_it(client):
     """The inference thread can post tokens and the failure faster than the event loop reads them; the text
     generated before the failure must still reach the client, ahead of the error event."""
-    model = client._transport.app.state.engine.loaded.model
+    engine = client._transport.app.state.engine
+    model = engine.loaded.model
     loop = asyncio.get_running_loop()
     expected = content_of(await stream(client, chat(max_tokens=3, ignore_eos=True)))
     assert expected  # three greedy tokens of the tiny model make visible text
+    await wait_until_idle(engine)
+    failed_before = engine.stats.failed
+    held = []
+
+    def hold_the_loop_until_the_failure_is_posted():
+        # Runs on the event loop and blocks it until the inference thread has made its three tokens and
+        # failed, and the failed row has left the batch (its Failed event is posted by then): every event
+        # of the request then reaches the handler in one batch, whatever the speed of either thread.
+        deadline = time.monotonic() + 30
+        while not (engine.stats.failed > failed_before and engine.scheduler.running == 0):
+            assert time.monotonic() < deadline, "the inference thread did not fail the request"
+            time.sleep(0.001)
+        held.append(True)
 
     def hold_the_loop_then_nan(call, logits):
-        if call == 0:  # the event loop sleeps while this thread makes three tokens and fails: one batch of events
-            loop.call_soon_threadsafe(time.sleep, 0.5)
+        if call == 0:
+            loop.call_soon_threadsafe(hold_the_loop_until_the_failure_is_posted)
         return torch.full_like(logits, float("nan")) if call >= 3 else logits
 
     with LmHeadHook(model, hold_the_loop_then_nan):
         events = await stream(client, chat(max_tokens=20, ignore_eos=True))
+    assert held == [True]  # the loop was held (an assertion inside a loop callback would only be logged)
     assert events[-2]["error"]["code"] == "non_finite_logits" and events[-1] == "[DONE]"
     assert content_of(events) == expected
 
@@ -161,7 +179,7 @@ async def test_keepalives_are_sent_while_a_request_waits_in_the_queue(tiny_vl_di
     async with LifespanManager(app, startup_timeout=60):
         await app.state.engine.wait_until_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=120) as http:
             busy = asyncio.ensure_future(http.post(URL, json=chat(max_tokens=3000, ignore_eos=True)))
             while app.state.engine.scheduler.running == 0:
                 await asyncio.sleep(0.01)

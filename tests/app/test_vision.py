@@ -206,7 +206,7 @@ async def app_client(settings):
     manager = LifespanManager(app, startup_timeout=60)
     await manager.__aenter__()
     await app.state.engine.wait_until_loaded()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=60)
     return manager, client
 
 

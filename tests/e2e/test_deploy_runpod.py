@@ -91,6 +91,9 @@ def test_start_status_stop_and_a_second_start_from_the_cache(pod):
     assert "GPU memory (MiB used / total): 1024, 81920" in status.stdout
 
     assert "already running" in run(workspace, gpu, "start").stdout
+    refused = run(workspace, gpu, "restart", HOST="0.0.0.0")  # no API_KEY: refused before stopping anything
+    assert refused.returncode == 1 and "API_KEY is not set" in refused.stderr and "stopping" not in refused.stdout
+    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["status"] == "ready"
     stopped = run(workspace, gpu, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     with pytest.raises(httpx.HTTPError):
@@ -130,3 +133,25 @@ def test_checks_refuse_before_spending_an_hour(pod, tmp_path):
     assert taken.returncode == 1 and f"port {port} is already in use" in taken.stderr
 
     assert run(workspace, gpu, "bogus").returncode == 2
+
+
+def test_a_public_address_without_a_key_is_refused_unless_the_operator_allows_it(pod, tmp_path):
+    workspace, gpu, _ = pod
+    for command, host, allow in (([], "0.0.0.0", None), (["start"], "0.0.0.0", "0"), (["start"], "::", None)):
+        refused = run(workspace, gpu, *command, HOST=host, **({"ALLOW_NO_API_KEY": allow} if allow else {}))
+        assert refused.returncode == 1, refused.stdout
+        assert f"API_KEY is not set and the server would listen on {host}" in refused.stderr
+        assert "ALLOW_NO_API_KEY=1" in refused.stderr and "What to do:" in refused.stderr
+        assert "setting up" not in refused.stdout and "GPU:" not in refused.stdout  # before setup, download, start
+        assert not (workspace / "shizhen" / "server.pid").exists()
+
+    # With a key, or with the explicit opt-in, start goes on to its other checks (a small card fails the next one).
+    small_gpu = fake_nvidia_smi(tmp_path / "small-bin", total_mib=24576)
+    allowed = run(workspace, small_gpu, "start", HOST="0.0.0.0", ALLOW_NO_API_KEY="1", MODEL_VRAM_GB="70")
+    assert allowed.returncode == 1 and "the GPU has 24 GB free" in allowed.stderr
+    assert "WARNING: API_KEY is not set and ALLOW_NO_API_KEY=1: anyone who reaches 0.0.0.0" in allowed.stdout
+    keyed = run(workspace, small_gpu, "start", HOST="0.0.0.0", API_KEY="sk-test-key", MODEL_VRAM_GB="70")
+    assert keyed.returncode == 1 and "the GPU has 24 GB free" in keyed.stderr and "API_KEY" not in keyed.stdout
+
+    shown = run(workspace, gpu, "help")
+    assert shown.returncode == 0 and "ALLOW_NO_API_KEY=1" in shown.stdout and "./deploy_runpod.sh start" in shown.stdout

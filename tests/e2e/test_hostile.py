@@ -42,7 +42,7 @@ def server(tiny_vl_dir, tmp_path_factory):
 
 
 def rss(server) -> int:
-    return httpx.get(f"{server.url}/health", timeout=10).json()["memory"]["process_rss_bytes"]
+    return httpx.get(f"{server.url}/health", headers=AUTH, timeout=10).json()["memory"]["process_rss_bytes"]
 
 
 def body(**fields):
@@ -149,7 +149,6 @@ CASES = [
         400,
         "image_url_not_allowed",
     ),
-    ("reserved token in text", CHAT, messages({"role": "user", "content": "<|image_pad|>"}), {}, 400, "reserved_token"),
     (
         "duplicate keys (last wins: empty)",
         CHAT,
@@ -209,7 +208,7 @@ def raw_exchange(port: int, head: bytes, body: bytes = b"", wait: float = 10) ->
 
 def test_a_100_mb_body_is_refused_before_it_is_read(server):
     head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {100 * 2**20}\r\n\r\n"
     ).encode()
     started = time.monotonic()
@@ -232,7 +231,7 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
 
 def test_a_slow_loris_body_is_cut_off(server):
     head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
         "Content-Length: 1000\r\n\r\n"
     ).encode()
     reply = raw_exchange(server.port, head, b'{"messages"', wait=20)
@@ -249,9 +248,13 @@ def test_200_concurrent_clients_against_a_queue_of_32(server):
     responses = asyncio.run(burst())
     statuses = [response.status_code for response in responses]
     assert set(statuses) <= {200, 429}, statuses
-    # The first MAX_QUEUE=32 always find room in the queue; how many more got in depends on how fast the
-    # inference thread moved waiting requests into the batch of 8 while the burst arrived.
-    assert statuses.count(200) >= 32 and statuses.count(429) > 0
+    # The first MAX_QUEUE=32 always find room in the queue; how many more got in, and whether any was refused
+    # at all, depends on how fast the inference thread moved waiting requests into the batch of 8 while the
+    # burst arrived (a deterministic 429 is tested in tests/app). What never depends on speed: the queue
+    # never held more than MAX_QUEUE beyond the free batch rows.
+    assert statuses.count(200) >= 32
+    scheduler = httpx.get(f"{server.url}/health", headers=AUTH, timeout=10).json()["scheduler"]
+    assert scheduler["peak_waiting"] <= 32 + 8
     for response in responses:
         if response.status_code == 429:
             check_envelope(response, 429, "queue_full")
@@ -262,13 +265,13 @@ def test_200_concurrent_clients_against_a_queue_of_32(server):
 
 def test_clients_that_disconnect_at_random(server):
     rng = random.Random(7)
+    before = httpx.get(f"{server.url}/health", headers=AUTH, timeout=10).json()["generation"]["finished"]
 
     async def impatient(client, index):
-        request = {"messages": OK_MESSAGE, "max_tokens": 400, "ignore_eos": True, "stream": index % 2 == 0}
-        try:
+        # 4000 tokens take far longer than any client here waits: every one of them hangs up mid-way.
+        request = {"messages": OK_MESSAGE, "max_tokens": 4000, "ignore_eos": True, "stream": index % 2 == 0}
+        with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.post(CHAT, json=request), timeout=rng.uniform(0.05, 1.0))
-        except (TimeoutError, httpx.HTTPError):
-            pass
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
@@ -277,11 +280,14 @@ def test_clients_that_disconnect_at_random(server):
     asyncio.run(run())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        scheduler = httpx.get(f"{server.url}/health", timeout=10).json()["scheduler"]
-        if scheduler["running"] == 0 and scheduler["waiting"] == 0:
+        health = httpx.get(f"{server.url}/health", headers=AUTH, timeout=10).json()
+        if health["scheduler"]["running"] == 0 and health["scheduler"]["waiting"] == 0:
             break
         time.sleep(0.1)
-    assert scheduler == {**scheduler, "running": 0, "waiting": 0}
+    assert health["scheduler"] == {**health["scheduler"], "running": 0, "waiting": 0}
+    after = health["generation"]["finished"]
+    # Every generation the server started for them was aborted, none ran on to its 4000 tokens.
+    assert after["abort"] > before["abort"] and after["length"] == before["length"]
 
 
 def test_afterwards_the_server_is_healthy_and_memory_is_back(server):
@@ -293,4 +299,34 @@ def test_afterwards_the_server_is_healthy_and_memory_is_back(server):
     assert rss(server) < server.baseline_rss * 1.25 + 64 * 2**20
     log = server.log()
     assert KEY not in log and "other-key" not in log  # keys never reach the log
-    assert " 500 " not in log and '"status": 500' not in log
+
+
+def test_the_log_shows_no_server_error(server):
+    """No request was answered 5xx, nothing was logged at ERROR, no traceback: checked in what the log really
+    writes (`status=500` in text, `"status": 500` in json; a search for `" 500 "` could never fail).
+
+    The test hangs up on a non-streaming answer itself, so it does not depend on the battery's random
+    disconnects having hit that moment."""
+    # Imported here: the top of this file belongs to the battery.
+    from tests.e2e.conftest import hold_request
+    from tests.helpers import access_log_statuses, server_error_lines
+
+    def generation():
+        return httpx.get(f"{server.url}/health", headers=AUTH, timeout=10).json()["generation"]
+
+    aborted = generation()["finished"]["abort"]
+    request = {"messages": OK_MESSAGE, "max_tokens": 4000, "ignore_eos": True}
+    with hold_request(server.url, CHAT, request, headers={**AUTH, "X-Request-ID": "hangs-up-mid-answer"}):
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/health", headers=AUTH, timeout=10).json()["scheduler"]["running"] == 0:
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    while generation()["finished"]["abort"] == aborted or "request_id=hangs-up-mid-answer " not in server.log():
+        assert time.monotonic() < deadline, "the hang-up was neither aborted nor logged"
+        time.sleep(0.05)
+    ok = httpx.post(server.url + CHAT, json={"messages": OK_MESSAGE, "max_tokens": 2}, headers=AUTH, timeout=60)
+    assert ok.status_code == 200
+    log = server.log()
+    assert access_log_statuses(log).count(200) >= 1  # the parser read the request lines (this test's 200)
+    assert server_error_lines(log) == [], "\n".join(server_error_lines(log)[:10])

@@ -1,18 +1,24 @@
 """End to end: the official `openai` client and curl against a real uvicorn process."""
 
 import json
-import shutil
 import subprocess
 
 import openai
 import pytest
 
 from tests.conftest import data_uri
+from tests.helpers import require_tool
 
 
 @pytest.fixture(scope="module")
 def client(server_url):
     return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def curl():
+    """curl's path: skipped without it, but a failure under CI=true (.ci/run installs it)."""
+    return require_tool("curl")
 
 
 def test_openai_client_lists_the_model(client):
@@ -64,12 +70,11 @@ def test_openai_client_sees_openai_errors(client):
     assert caught.value.body["param"] == "max_tokens"
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl(server_url):
+def test_curl(server_url, curl):
     body = json.dumps({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0})
     result = subprocess.run(
         [
-            "curl",
+            curl,
             "-sS",
             "-w",
             "\n%{http_code}",
@@ -87,19 +92,18 @@ def test_curl(server_url):
     payload, status = result.stdout.rsplit("\n", 1)
     assert status == "200"
     assert json.loads(payload)["usage"]["completion_tokens"] == 4
-    health = subprocess.run(["curl", "-sS", f"{server_url}/health"], capture_output=True, text=True, timeout=30)
+    health = subprocess.run([curl, "-sS", f"{server_url}/health"], capture_output=True, text=True, timeout=30)
     assert json.loads(health.stdout)["status"] == "ready"
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_uploads_a_photo_to_vision_analyze(server_url, tmp_path):
+def test_curl_uploads_a_photo_to_vision_analyze(server_url, tmp_path, curl):
     from tests import images
 
     photo = tmp_path / "tongue.jpg"
     photo.write_bytes(images.jpeg(640, 480))
     result = subprocess.run(
         [
-            "curl",
+            curl,
             "-sS",
             "-F",
             f"image=@{photo}",

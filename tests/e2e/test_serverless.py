@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.conftest import free_port, running_server
+from tests.e2e.conftest import running_server
 from tests.e2e.test_deploy_runpod import seed_hub_cache
 
 TOOLS = Path(sys.executable).parent  # hadolint and shellcheck come with requirements-dev.txt
@@ -66,12 +66,13 @@ def test_the_image_layout_serves_requests_on_port_and_health_on_port_health(tiny
     # first worker downloaded it: the server must find it in HF_HOME and start with no network.
     volume = tmp_path / "runpod-volume"
     seed_hub_cache(volume, tiny_vl_dir, repo=image_env["MODEL_ID"])
-    health_port = free_port()
-    # The image's environment, with a loopback address, free ports and the volume in a temporary folder.
-    settings = {**image_env, "HOST": "127.0.0.1", "PORT_HEALTH": str(health_port), "HF_HOME": str(volume / "models")}
+    # The image's environment, with a loopback address, ports of the test's own (PORT, and PORT_HEALTH on a
+    # port proven to be this server's) and the volume in a temporary folder.
+    settings = {**image_env, "HOST": "127.0.0.1", "HF_HOME": str(volume / "models")}
     settings.pop("PORT")
-    with running_server(tiny_vl_dir, tmp_path, cwd=app, **settings) as server:
-        health_url = f"http://127.0.0.1:{health_port}"
+    settings.pop("PORT_HEALTH", None)
+    with running_server(tiny_vl_dir, tmp_path, cwd=app, health="own", **settings) as server:
+        health_port, health_url = server.health_port, server.health_url
         assert httpx.get(f"{health_url}/ping", timeout=10).status_code == 200
         health = httpx.get(f"{health_url}/health", timeout=10).json()
         assert health["status"] == "ready" and health["model_id"] == image_env["MODEL_ID"]
@@ -90,7 +91,7 @@ def test_the_image_layout_serves_requests_on_port_and_health_on_port_health(tiny
 
 
 def test_port_health_equal_to_port_serves_one_port(tiny_vl_dir, tmp_path):
-    port = free_port()
-    with running_server(tiny_vl_dir, tmp_path, PORT=str(port), PORT_HEALTH=str(port)) as server:
-        assert server.port == port and httpx.get(f"{server.url}/ping", timeout=10).status_code == 200
+    with running_server(tiny_vl_dir, tmp_path, health="same") as server:
+        assert server.health_port == server.port
+        assert httpx.get(f"{server.url}/ping", timeout=10).status_code == 200
     assert server.log().count("Uvicorn running on") == 1

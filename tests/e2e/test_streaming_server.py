@@ -7,6 +7,9 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.conftest import hold_request
+from tests.helpers import parse_sse
+
 MESSAGES = [{"role": "user", "content": "舌苔薄白，舌质淡红，请分析。"}]
 
 
@@ -51,6 +54,10 @@ def generation_stats(server_url):
     return httpx.get(f"{server_url}/health", timeout=10).json()["generation"]
 
 
+def scheduler_state(server_url):
+    return httpx.get(f"{server_url}/health", timeout=10).json()["scheduler"]
+
+
 def wait_for_abort(server_url, aborted_before, deadline_seconds=60):
     deadline = time.monotonic() + deadline_seconds
     while time.monotonic() < deadline:
@@ -72,6 +79,7 @@ def test_a_disconnected_stream_stops_its_generation(server_url):
         received = [next(lines) for _ in range(6)]
     assert received[0].startswith("data: ")
     stats = wait_for_abort(server_url, before)
+    assert stats["finished"]["abort"] == before + 1
     assert 0 < stats["last_aborted_tokens"] < MAX_TOKENS
     # The server is free again: the next request is answered at once, not after 8000 tokens.
     after = httpx.post(f"{server_url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}, timeout=60)
@@ -80,10 +88,20 @@ def test_a_disconnected_stream_stops_its_generation(server_url):
 
 def test_a_disconnected_non_streaming_request_stops_its_generation(server_url):
     before = generation_stats(server_url)["finished"]["abort"]
+    steps_before = scheduler_state(server_url)["decode_steps"]
     body = {"messages": MESSAGES, "max_tokens": MAX_TOKENS, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    # A raw connection, closed once the server reports the generation running and producing tokens: a client
+    # read timeout instead would guess how long the queue and the prefill take.
+    with hold_request(server_url, "/v1/chat/completions", body):
+        deadline = time.monotonic() + 60
+        while True:
+            scheduler = scheduler_state(server_url)
+            if scheduler["running"] == 1 and scheduler["decode_steps"] >= steps_before + 3:
+                break
+            assert time.monotonic() < deadline, f"the generation did not start: {scheduler}"
+            time.sleep(0.02)
     stats = wait_for_abort(server_url, before)
+    assert stats["finished"]["abort"] == before + 1
     assert 0 < stats["last_aborted_tokens"] < MAX_TOKENS
 
 
@@ -91,9 +109,16 @@ async def test_many_concurrent_streams_all_complete(server_url):
     async with httpx.AsyncClient(base_url=server_url, timeout=120) as http:
 
         async def one(index):
-            body = {"messages": MESSAGES, "max_tokens": 5, "stream": True, "seed": index}
+            body = {"messages": MESSAGES, "max_tokens": 5, "ignore_eos": True, "stream": True, "seed": index}
             response = await http.post("/v1/chat/completions", json=body)
-            return response.text
+            assert response.status_code == 200, response.text
+            return parse_sse(response.text)
 
-        bodies = await asyncio.gather(*(one(index) for index in range(8)))
-    assert all(body.rstrip().endswith("data: [DONE]") for body in bodies)
+        streams = await asyncio.gather(*(one(index) for index in range(8)))
+    for events in streams:
+        # `[DONE]` also ends a stream that failed (after its error event): completion is the finish_reason.
+        assert events[-1] == "[DONE]"
+        assert not [event for event in events if isinstance(event, dict) and "error" in event], events
+        chunks = [event for event in events if isinstance(event, dict)]
+        finishes = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+        assert finishes == ["length"]

@@ -13,6 +13,7 @@ from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, generate_alone
 from backend.errors import QueueFullError, RequestTimeoutError
 from backend.media.resize import PixelBounds
+from tests.helpers import LmHeadHook
 
 BOUNDS = PixelBounds(56 * 56, 360 * 420)
 
@@ -170,8 +171,9 @@ def test_the_token_budget_limits_what_runs_together(vl):
 def test_a_full_queue_is_refused_with_429(vl):
     scheduler = Scheduler(vl, max_batch_size=1, max_batch_tokens=1 << 20, max_queue=2)
     text = inputs_for(vl, "hi")
+    scheduler.submit(job(text)[0])  # takes the one free batch row at the next step
     scheduler.submit(job(text)[0])
-    scheduler.submit(job(text)[0])
+    scheduler.submit(job(text)[0])  # two wait beyond the batch: MAX_QUEUE
     with pytest.raises(QueueFullError) as caught:
         scheduler.submit(job(text)[0])
     assert caught.value.status_code == 429 and "Retry-After" in caught.value.headers
@@ -181,13 +183,24 @@ def test_deadlines_stop_running_and_queued_jobs(vl):
     text = inputs_for(vl, "hi")
     running, running_events = job(text, "running", max_new_tokens=10_000, ignore_eos=True)
     queued, queued_events = job(text, "queued", max_new_tokens=5)
-    running.deadline = time.perf_counter() + 0.3
-    queued.deadline = time.perf_counter() + 0.1
-    together(vl, [running, queued], max_batch_size=1)
+    running.deadline = queued.deadline = time.perf_counter() + 3600
+
+    def deadlines_pass(call, logits):
+        # The clock is moved by the model's steps, not by the machine's speed: the queued job's deadline
+        # passes while it waits (second forward pass), the running one's at its fifth.
+        if call == 1:
+            queued.deadline = time.perf_counter()
+        if call == 4:
+            running.deadline = time.perf_counter()
+        return logits
+
+    with LmHeadHook(vl.model, deadlines_pass):
+        together(vl, [running, queued], max_batch_size=1)
     for recorder in (running_events, queued_events):
         assert isinstance(recorder.last, Failed) and isinstance(recorder.last.error, RequestTimeoutError)
+    assert not [e for _, e in queued_events.events if isinstance(e, TextDelta)]  # it never ran
     generated = [e for _, e in running_events.events if isinstance(e, TextDelta)]
-    assert 0 < len(generated) < 10_000
+    assert 0 < len(generated) <= 5  # stopped at its deadline's step, not at max_new_tokens
 
 
 def test_one_bad_row_does_not_break_the_batch(vl):
@@ -207,3 +220,12 @@ def test_one_bad_row_does_not_break_the_batch(vl):
     scheduler.run_until_idle()
     assert isinstance(broken_events.last, Failed) and broken_events.last.error.code == "non_finite_logits"
     assert healthy_events.text == expected
+
+
+def test_max_queue_zero_still_admits_what_fits_in_the_batch(vl):
+    scheduler = Scheduler(vl, max_batch_size=1, max_batch_tokens=1 << 20, max_queue=0)
+    text = inputs_for(vl, "hi")
+    first, events = job(text, "first", max_new_tokens=2)
+    scheduler.submit(first)  # the batch is empty: nothing would wait beyond it
+    scheduler.run_until_idle()
+    assert isinstance(events.last, Finished) and events.last.completion_tokens == 2

@@ -1,11 +1,14 @@
 """Image intake pieces: inline decoding, format normalisation, limits, the resize rule, URL policy."""
 
 import base64
+import tracemalloc
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from backend.errors import ImageTooLargeError, InvalidImageError, format_location
-from backend.media.decode import bytes_from_inline, decode_image
+from backend.media.decode import DecodeLimits, bytes_from_inline, decode_image
 from backend.media.fetch import FetchPolicy, is_public_address
 from backend.media.resize import PixelBounds, image_token_count, smart_resize
 from tests import images
@@ -14,8 +17,9 @@ SOURCE = "messages[0].content[1]"
 MB = 2**20
 
 
-def decode(data, max_bytes=20 * MB, max_pixels=50_000_000):
-    return decode_image(data, SOURCE, max_bytes, max_pixels)
+def decode(data, max_bytes=20 * MB, max_pixels=50_000_000, budget=10**9, keep=10**9):
+    limits = DecodeLimits(max_bytes=max_bytes, max_pixels=max_pixels, budget_pixels=budget, keep_pixels=keep)
+    return decode_image(data, SOURCE, limits).image
 
 
 @pytest.mark.parametrize(
@@ -176,3 +180,52 @@ def test_format_location():
     assert format_location(("body", "messages", 0, "content", "str")) == "messages[0].content"
     assert format_location(("body", "max_tokens")) == "max_tokens"
     assert format_location(("body",)) is None
+
+
+def decoded(data, **limits):
+    values = {"max_bytes": 20 * MB, "max_pixels": 50_000_000, "budget_pixels": 10**9, "keep_pixels": 10**9}
+    return decode_image(data, SOURCE, DecodeLimits(**(values | limits)))
+
+
+def test_a_sixteen_bit_image_is_converted_without_float_copies():
+    """The audit's 7070x7070 16-bit grey PNG peaked at 1.3 GB in float64; conversion now goes in bands of
+    integers, so numpy's peak stays near the 8-bit result (tracemalloc sees numpy's buffers)."""
+    side = 3000
+    big = images.encode(Image.fromarray(np.full((side, side), 40000, dtype=np.uint16)), "PNG")
+    tracemalloc.start()
+    try:
+        result = decoded(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.image.getpixel((10, 10)) == (156, 156, 156)  # 40000 / 65535 of 255, the high byte
+    assert peak < side * side * 2  # the uint8 result (9 MB) and one band; float64 copies were 72 MB each
+
+
+def test_large_images_are_shrunk_right_after_decoding_and_keep_their_original_size():
+    result = decoded(images.encode(images.photo(1200, 900), "PNG"), keep_pixels=100_000)
+    assert result.original_size == (1200, 900)
+    assert result.image.size == (400, 300)  # reduced by a whole factor, still at least keep_pixels
+    assert result.decoded_pixels == 1200 * 900
+
+
+def test_a_big_jpeg_is_decoded_at_reduced_scale_within_the_pixel_cap():
+    """A 4000x3000 JPEG over a 5-megapixel cap still decodes: the decoder reads it at 1/4 scale."""
+    photo = images.encode(images.photo(4000, 3000), "JPEG")
+    result = decoded(photo, max_pixels=5_000_000, keep_pixels=600_000)
+    assert result.original_size == (4000, 3000)
+    assert result.decoded_pixels <= 1000 * 750 * 2 and result.image.width * result.image.height >= 600_000
+    with pytest.raises(ImageTooLargeError):  # a PNG of the same size has no cheap reduced decode
+        decoded(images.encode(images.photo(4000, 3000), "PNG"), max_pixels=5_000_000, keep_pixels=600_000)
+
+
+def test_the_exif_turn_applies_after_shrinking():
+    result = decoded(images.exif_rotated_jpeg(400, 200), keep_pixels=5_000)
+    assert result.original_size == (200, 400)  # shown portrait
+    assert result.image.height > result.image.width
+
+
+def test_the_requests_pixel_budget_is_413():
+    with pytest.raises(ImageTooLargeError) as caught:
+        decoded(images.png(), budget_pixels=100)
+    assert "MAX_REQUEST_IMAGE_PIXELS" in caught.value.message

@@ -108,6 +108,31 @@ def test_the_pods_start_command_is_one_clean_bash_script(tmp_path):
     assert checked.returncode == 0, checked.stdout
 
 
+def test_which_git_urls_carry_a_secret():
+    import runpod
+
+    secret = ["https://me:ghp_x@github.com/me/s.git", "https://ghp_x@github.com/me/s.git", "http://u:p@host/r.git",
+              "ssh://git:pw@host/r.git", "https://oauth2:glpat-x@gitlab.com/me/s.git"]
+    plain = ["https://github.com/me/s.git", "git@github.com:me/s.git", "ssh://git@github.com/me/s.git", ""]
+    assert [runpod.has_credentials(url) for url in secret] == [True] * len(secret)
+    assert [runpod.has_credentials(url) for url in plain] == [False] * len(plain)
+    assert runpod.redact_url(secret[0]) == "https://<redacted>@github.com/me/s.git"
+
+
+def test_removed_secret_options_fail_in_the_parser_without_repeating_the_value(capsys):
+    import runpod
+
+    with pytest.raises(SystemExit) as exited:
+        runpod.build_parser().parse_args(["create", "--server-key", "sk-do-not-echo"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--server-key was removed" in err and "Set API_KEY in the environment" in err and "sk-do-not-echo" not in err
+    with pytest.raises(SystemExit):
+        runpod.build_parser().parse_args(["create", "--help"])
+    shown = capsys.readouterr().out
+    assert "--ask-hf-token" in shown and "--server-key" not in shown and "--hf-token" not in shown
+
+
 def test_an_answer_that_is_not_json_is_explained():
     def html_page(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, text="<html>captive portal</html>")
