@@ -77,6 +77,17 @@ class BodyReadTimeoutError(APIError):
     error_type = "invalid_request_error"
 
 
+class ClientDisconnected(APIError):
+    """The client went away before the answer was ready; its work was cancelled. Answered 499 (nginx's
+    "client closed request"), which nobody reads but the log line records."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the answer was ready.", code="client_closed")
+
+
 class UnsupportedMediaTypeError(APIError):
     """The body is neither JSON nor a multipart form (415)."""
 

@@ -18,6 +18,7 @@ from backend.errors import error_body
 
 
 def _timeout_response(seconds: float) -> bytes:
+    """The raw 408 answer (with the error envelope) for a head that did not arrive in time."""
     body = json.dumps(
         error_body(
             f"The request headers were not received within {seconds:g} s (HEADER_READ_TIMEOUT_SECONDS).",
@@ -45,15 +46,24 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._arm()
 
     def on_message_begin(self) -> None:
-        """The first byte of a request (the next one on a kept-alive connection): start its head's clock."""
+        """The first byte of a request: its head has the whole deadline from here."""
         super().on_message_begin()
-        if self._head_deadline is None:
-            self._arm()
+        self._disarm()
+        self._arm()
 
     def on_headers_complete(self) -> None:
         """The head is in: from here the body deadline and the app take over."""
         self._disarm()
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        """An answer is out and the connection is kept alive: the next request's head is on the clock from
+        now. (Bytes that start no request, such as a trickle of empty lines, would otherwise cancel uvicorn's
+        keep-alive timer without ever starting the deadline above.)"""
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._disarm()
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection closed: nothing left to time out."""
@@ -61,19 +71,22 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _arm(self) -> None:
+        """Start the head's clock."""
         self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
 
     def _disarm(self) -> None:
+        """Stop the head's clock."""
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
 
     def _head_too_slow(self) -> None:
+        """The deadline passed without a complete head: answer 408 and close (never while a request of this
+        connection is still being answered)."""
         self._head_deadline = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
-        if self.cycle is None or self.cycle.response_complete:  # no answer of ours is being written
-            self.transport.write(_timeout_response(self.header_timeout))
+        self.transport.write(_timeout_response(self.header_timeout))
         self.transport.close()
 
 

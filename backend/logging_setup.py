@@ -39,7 +39,8 @@ def escape_control(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """`time level logger: message key=value ...`, one line per record (tracebacks excepted)."""
+    """`time level logger: message key=value ...`, one line per record; a traceback follows on lines of its
+    own, each indented so that no client text in an exception message can pass for a record."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,6 +54,11 @@ class TextFormatter(logging.Formatter):
         if fields:
             line += " " + " ".join(f"{key}={escape_control(str(value))}" for key, value in fields.items())
         return line
+
+    def formatException(self, exc_info) -> str:  # noqa: N802 (logging's name)
+        """The traceback, every line indented and escaped (an exception message may quote a client)."""
+        text = super().formatException(exc_info)
+        return "\n".join("    " + escape_control(line) for line in text.split("\n"))
 
 
 def configure_logging(level: str, log_format: str) -> None:

@@ -40,6 +40,19 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
+# Added tokens that Qwen2.5's tokenizer does not mark special (151657 onwards there): tool calls and
+# fill-in-the-middle. A tokenizer matches them in any text unless told otherwise, which the server must do.
+PLAIN_ADDED_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # A Qwen2.5-VL style chat template: a default system turn when the conversation has none, one
@@ -201,6 +214,7 @@ def train_tokenizer(num_merges: int, text_only: bool, model_max_length: int):
         chat_template=TEXT_CHAT_TEMPLATE if text_only else VL_CHAT_TEMPLATE,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": special})
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in PLAIN_ADDED_TOKENS])
     return tokenizer
 
 

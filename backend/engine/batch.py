@@ -1,8 +1,9 @@
 """The running batch: sequences of different lengths decoding together, one forward pass per step.
 
 Arriving sequences are prefilled (text prompts that arrive together in one pass, image prompts alone), then
-join the batch between two decode steps (iteration-level, or "continuous", batching). The batch keeps one KV cache whose rows are left-padded to a common length, an
-attention mask that hides the padding, and each row's own rotary position. A sequence that ends leaves at
+join the batch between two decode steps (iteration-level, or "continuous", batching). The batch keeps one KV
+cache whose rows are left-padded to a common length, an attention mask that hides the padding, and each row's
+own rotary position. A sequence that ends leaves at
 once; padding columns no row needs any more are trimmed.
 
 Why this design (measured with scripts/bench.py, docs/benchmarks.md): transformers' own continuous batching
@@ -53,31 +54,35 @@ class DecodeBatch:
     def add(self, rows: list[SequenceState], cache: DynamicCache, mask: torch.Tensor, first_tokens: list[int]) -> None:
         """Join prefilled sequences (rows of `cache` and `mask`) whose next inputs are `first_tokens`.
 
-        All-or-nothing: the grown tensors are built first and swapped in only when every one exists, so an
-        out-of-memory error while growing leaves the running batch exactly as it was.
+        Layer by layer, so that at most one layer exists twice at a time (the KV cache may fill the GPU). If
+        growing fails part-way (out of memory), the layers already grown are put back as views of their old
+        rows, which allocates nothing, and the running batch is exactly as it was.
         """
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
-            width = max(self.cache_length, int(mask.shape[1]))
-            grown = [
-                (
-                    torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]),
-                    torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]),
-                )
-                for mine, theirs in zip(self.cache.layers, cache.layers)
-            ]
-            grown_mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
-            for layer, (keys, values) in zip(self.cache.layers, grown):
-                layer.keys, layer.values = keys, values
-            self.mask = grown_mask
+            old_rows, old_width = len(self.rows), self.cache_length
+            width = max(old_width, int(mask.shape[1]))
+            try:
+                for mine, theirs in zip(self.cache.layers, cache.layers):
+                    mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+                    mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+                self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            except BaseException:
+                for layer in self.cache.layers:
+                    if layer.keys.shape[0] != old_rows:  # grown before the failure
+                        layer.keys = layer.keys[:old_rows, :, width - old_width :]
+                    if layer.values.shape[0] != old_rows:
+                        layer.values = layer.values[:old_rows, :, width - old_width :]
+                raise
         self.rows.extend(rows)
         self.next_tokens.extend(first_tokens)
 
     def remove(self, indexes: list[int]) -> None:
-        """Drop finished rows, then the padding columns no remaining row uses.
+        """Drop finished rows, then the padding columns no remaining row uses (layer by layer, in place).
 
-        All-or-nothing like `add`: if shrinking the cache fails, the batch is left unchanged.
+        If shrinking fails part-way the cache is inconsistent: the caller must fail the remaining rows and
+        `clear` the batch (the scheduler does).
         """
         if not indexes:
             return
@@ -90,12 +95,9 @@ class DecodeBatch:
         mask = self.mask.index_select(0, selector)
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
-        shrunk = [
-            (layer.keys.index_select(0, selector)[:, :, start:], layer.values.index_select(0, selector)[:, :, start:])
-            for layer in self.cache.layers
-        ]
-        for layer, (keys, values) in zip(self.cache.layers, shrunk):
-            layer.keys, layer.values = keys, values
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, selector)[:, :, start:]
+            layer.values = layer.values.index_select(0, selector)[:, :, start:]
         self.mask = mask[:, start:]
         self.rows = [self.rows[index] for index in keep]
         self.next_tokens = [self.next_tokens[index] for index in keep]

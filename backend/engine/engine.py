@@ -224,13 +224,17 @@ class Engine:
         """The loaded model, or a 503 that says why there is none."""
         if self.state == "ready" and self.loaded is not None:
             return self.loaded
+        raise self.unavailable()
+
+    def unavailable(self) -> ModelNotReadyError:
+        """The 503 for a request while the engine is not ready: loading, failed to load, or stopped."""
         if self.state == "loading":
-            raise ModelNotReadyError(
+            return ModelNotReadyError(
                 f"The model {self.settings.model_name} is still loading; retry in a moment.", code="model_loading"
             )
         if self.error_code == "engine_dead":
-            raise ModelNotReadyError(self.error or "The inference thread stopped.", code=self.error_code)
-        raise ModelNotReadyError(f"The model failed to load: {self.error}", code="model_load_failed")
+            return ModelNotReadyError(self.error or "The inference thread stopped.", code=self.error_code)
+        return ModelNotReadyError(f"The model failed to load: {self.error}", code="model_load_failed")
 
     async def build_inputs(self, turns: list[ChatTurn], bounds: PixelBounds | None = None) -> ModelInputs:
         """Template, tokenise and preprocess images in a worker thread (CPU work kept off the event loop)."""

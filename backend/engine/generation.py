@@ -64,6 +64,17 @@ class GenerationJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which the request is answered 504
+    answered: bool = False  # a final event (Finished or Failed) was emitted
+
+    def __post_init__(self) -> None:
+        deliver = self.emit
+
+        def emit(event: GenerationEvent) -> None:
+            if isinstance(event, Finished | Failed):
+                self.answered = True
+            deliver(event)
+
+        self.emit = emit
 
     def expired(self, now: float) -> bool:
         """Whether the request's time limit has passed."""

@@ -4,17 +4,21 @@ The chat template writes one `<|image_pad|>` per image; the image processor resi
 pixel bounds and cuts it into 14x14 patches; each 2x2 group of patches becomes one token, so the placeholder
 is widened to that many `<|image_pad|>` tokens. This is what transformers' `Qwen2_5_VLProcessor` does; it is
 done here because that class also insists on a video processor (torchvision), which serving never needs.
+
+Only the chat template writes control tokens: every message text is tokenised apart, by the vocabulary alone
+(no added tokens), and put back where the template placed it, so no text can open a turn or place an image.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 
 from backend.errors import InvalidImageError, InvalidRequestError
 from backend.media.resize import PixelBounds, resize_for_model
@@ -36,6 +40,17 @@ class ChatTurn:
     source: str = "messages"  # where the turn came from, for error messages ("messages[2]")
     # Where each image came from, for error messages ("messages[0].content[1]").
     image_sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TemplateInput:
+    """A conversation ready for the chat template: messages whose texts are markers, the texts themselves,
+    and the images in order with where each came from."""
+
+    messages: list[dict]
+    texts: list[str]
+    images: list[Image.Image]
+    image_sources: list[str]
 
 
 @dataclass
@@ -73,11 +88,7 @@ class PromptBuilder:
         max_prompt_tokens: int | None = None,
     ) -> None:
         self._tokenizer = tokenizer
-        # A second tokenizer that always splits special tokens. Passing `split_special_tokens` per call would
-        # flip a flag on the shared Rust tokenizer, which prompts built in other threads would see.
-        self._text_tokenizer = copy.deepcopy(tokenizer)
-        self._text_tokenizer.split_special_tokens = True
-        self._text_tokenizer.model_max_length = 1 << 62  # lengths are checked here, not warned about per piece
+        self._text_tokenizer = plain_text_tokenizer(tokenizer)
         self._chat_template = chat_template
         self._image_processor = image_processor
         self._image_token_id = image_token_id
@@ -85,7 +96,7 @@ class PromptBuilder:
         self._max_prompt_tokens = max_prompt_tokens
         self._merge_length = getattr(image_processor, "merge_size", 2) ** 2
 
-    def template_messages(self, turns: list[ChatTurn]) -> tuple[list[dict], list[str], list[Image.Image], list[str]]:
+    def template_messages(self, turns: list[ChatTurn]) -> TemplateInput:
         """The conversation as the chat template expects it, with each text replaced by a marker; the texts,
         and the images (and their sources) in order."""
         messages: list[dict] = []
@@ -119,18 +130,19 @@ class PromptBuilder:
             messages.append(
                 {"role": turn.role, "content": "".join(item["text"] for item in content) if only_text else content}
             )
-        return messages, texts, images, sources
+        return TemplateInput(messages, texts, images, sources)
 
     def build(self, turns: list[ChatTurn], bounds: PixelBounds) -> ModelInputs:
         """Tokenise the conversation and its images; ends with an open assistant turn."""
-        messages, texts, images, sources = self.template_messages(turns)
-        text_ids = self._tokenize_texts(texts)
+        conversation = self.template_messages(turns)
+        images, sources = conversation.images, conversation.image_sources
+        text_ids = self._tokenize_texts(conversation.texts)
         rendered = self._tokenizer.apply_chat_template(
-            messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
+            conversation.messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
         )
-        # Even pieces are the template's own text, odd ones the index of a message text.
+        # What the template wrote, and between its pieces the index of the message text that stands there.
         pieces = _TEXT_MARKER.split(rendered)
-        template_pieces = pieces[0::2]
+        template_pieces, text_order = pieces[0::2], [int(index) for index in pieces[1::2]]
         placeholders = sum(piece.count(IMAGE_PLACEHOLDER) for piece in template_pieces)
         if placeholders != len(images):
             raise InvalidRequestError(
@@ -147,11 +159,9 @@ class PromptBuilder:
                 expanded.append(parts[0] + "".join(IMAGE_PLACEHOLDER * next(remaining) + rest for rest in parts[1:]))
             template_pieces = expanded
         template_ids = self._tokenizer(template_pieces, add_special_tokens=False)["input_ids"]
-        ids: list[int] = []
-        for index, piece_ids in enumerate(template_ids):
-            ids += piece_ids
-            if index < len(template_ids) - 1:
-                ids += text_ids[int(pieces[2 * index + 1])]
+        ids: list[int] = list(template_ids[0])
+        for text_index, piece_ids in zip(text_order, template_ids[1:]):
+            ids += text_ids[text_index] + piece_ids
         input_ids = torch.tensor([ids], dtype=torch.long)
         if not images:
             return ModelInputs(input_ids=input_ids)
@@ -177,7 +187,7 @@ class PromptBuilder:
         for text in texts:
             ids: list[int] = []
             for piece in _pieces(text, _TEXT_PIECE_CHARS):
-                ids += self._text_tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += self._text_tokenizer.encode(piece, add_special_tokens=False).ids
                 # Cutting a text may split one token in two: allow one extra token per cut before refusing.
                 if limit is not None and total + len(ids) - len(text) // _TEXT_PIECE_CHARS > limit:
                     raise InvalidRequestError(
@@ -209,6 +219,16 @@ class PromptBuilder:
             pixel_values.append(processed["pixel_values"])
             grids.append(processed["image_grid_thw"])
         return torch.cat(pixel_values), torch.cat(grids)
+
+
+def plain_text_tokenizer(tokenizer: Any) -> Tokenizer:
+    """The model's tokenizer without its added tokens: special ones (`<|im_end|>`) and the ones not marked
+    special (Qwen2.5's `<tool_call>`, `<|fim_prefix|>`) alike, so that text written in a message is tokenised
+    by the vocabulary alone and can never produce a control token. (`split_special_tokens` splits only the
+    special ones, and passing it per call flips a flag on the shared Rust tokenizer that other threads see.)"""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(definition))
 
 
 def _pieces(text: str, size: int) -> list[str]:

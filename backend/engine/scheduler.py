@@ -43,6 +43,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.batch = DecodeBatch(loaded)
         self._waiting: deque[GenerationJob] = deque()
+        self._starting: list[GenerationJob] = []  # admitted by this step, prefilling, not in the batch yet
         self._condition = threading.Condition()
         self._stopping = False
         self._failure: Exception | None = None  # set when the inference thread has died: every submit gets it
@@ -65,7 +66,7 @@ class Scheduler:
             if self._stopping:
                 raise ModelNotReadyError("The server is shutting down.", code="shutting_down")
             # Jobs that the next step will admit into free batch rows are not "waiting beyond the batch".
-            free_rows = max(0, self.max_batch_size - len(self.batch))
+            free_rows = max(0, self.max_batch_size - len(self.batch) - len(self._starting))
             if len(self._waiting) + len(jobs) > self.max_queue + free_rows:
                 raise QueueFullError(self.max_queue, retry_after_seconds=max(1, len(self.batch) // 4))
             self._waiting.extend(jobs)
@@ -121,17 +122,27 @@ class Scheduler:
                 self.step()
             except Exception as exc:
                 logger.exception("a scheduler step failed; failing its %d running sequences", len(self.batch))
-                self._fail_batch(as_api_error(exc))
+                error = as_api_error(exc)
+                with self._condition:
+                    # Admitted in this step but not in the batch yet: nobody else would answer them.
+                    starting, self._starting = self._starting, []
+                joined = {id(row.job) for row in self.batch.rows}
+                for job in starting:
+                    if id(job) not in joined and not job.answered:
+                        _emit_failure(job, error)
+                self._fail_batch(error)
 
     def step(self) -> bool:
         """One turn: admit what fits, then one decode step. Returns whether any work is left."""
         with self._condition:
             dropped = self._drop_cancelled_and_expired()
-            admitted = self._admit()
+            admitted = self._starting = self._admit()
         for job in dropped:
             self._answer_without_running(job)
         if admitted:
             self._start(admitted)
+        with self._condition:
+            self._starting = []
         self.peak_running = max(self.peak_running, len(self.batch))
         if self.batch.rows:
             self._decode_step()

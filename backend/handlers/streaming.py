@@ -10,17 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from backend.errors import APIError
+from backend.errors import APIError, ClientDisconnected
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Cancellable(Protocol):
+    """Something running that can be told to stop (a generation stream)."""
+
+    def cancel(self) -> None: ...
 
 KEEPALIVE_COMMENT = ": keep-alive\n\n"
 DONE_EVENT = "data: [DONE]\n\n"
@@ -43,32 +49,29 @@ def error_event(exc: BaseException) -> str:
 
 
 class EventStreamResponse(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends: finished, failed, or the client gone.
+    """An SSE response that cancels its generations however it ends: finished, failed, or the client gone.
 
     The generations behind a stream are started before the response (so a full queue is a real 429); if
     the client leaves before the first chunk, the event generator never runs its own clean-up, so this is
     where they are stopped.
     """
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, events: AsyncIterator[str], cancel: Sequence[Cancellable] = ()) -> None:
         super().__init__(events, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
-        self._on_close = on_close
+        self._cancel = list(cancel)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if self._on_close is not None:
-                self._on_close()
+            for generation in self._cancel:
+                generation.cancel()
 
 
-def sse_response(events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> StreamingResponse:
-    """A streaming response of SSE text. Starlette cancels `events` when the client disconnects."""
-    return EventStreamResponse(events, on_close)
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the answer was ready; the generation was cancelled."""
+def sse_response(events: AsyncIterator[str], cancel: Sequence[Cancellable] = ()) -> StreamingResponse:
+    """A streaming response of SSE text; `cancel` lists the generations to stop when it ends, whatever the
+    reason. Starlette cancels `events` when the client disconnects."""
+    return EventStreamResponse(events, cancel)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

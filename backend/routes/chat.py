@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from backend.dependencies import ChatHandlerDep
-from backend.handlers.streaming import ClientDisconnected, request_log, sse_response, unless_disconnected
+from backend.handlers.streaming import request_log, sse_response, unless_disconnected
 from backend.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from backend.protocol.common import ErrorResponse
 
@@ -31,11 +31,5 @@ async def create_chat_completion(
     prepared = await unless_disconnected(request, handler.prepare(body), log)
     if body.stream:
         streams = handler.start(prepared)  # before the headers: a full queue is a 429, not a broken stream
-        return sse_response(
-            handler.stream(prepared, streams, body.include_usage, log=log),
-            on_close=lambda: [stream.cancel() for stream in streams],
-        )
-    try:
-        return await unless_disconnected(request, handler.complete(prepared, log), log)
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody reads it; the generation was cancelled
+        return sse_response(handler.stream(prepared, streams, body.include_usage, log=log), cancel=streams)
+    return await unless_disconnected(request, handler.complete(prepared, log), log)

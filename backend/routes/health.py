@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from backend.dependencies import EngineDep
 from backend.engine.devices import memory_report
-from backend.errors import ModelNotReadyError, error_body
+from backend.errors import error_body
 from backend.protocol.health import HealthResponse
 
 router = APIRouter(tags=["health"])
@@ -24,7 +24,7 @@ async def health(engine: EngineDep, request: Request) -> JSONResponse:
     memory and error texts are for the operator.
     """
     status = 200 if engine.state == "ready" else 503
-    if not request.scope.get("state", {}).get("authorized", True):
+    if not _authorized(request):
         return JSONResponse({"status": engine.state}, status_code=status)
     settings = engine.settings
     body = HealthResponse(
@@ -70,12 +70,11 @@ async def ping(engine: EngineDep, request: Request) -> Response:
     if engine.state == "loading":
         return Response(status_code=204)
     # The reason is for the operator; a probe without a key (when keys are set) only learns that it failed.
-    try:
-        engine.require_ready()
-        message = "The model is not available."
-    except ModelNotReadyError as exc:
-        message = (
-            exc.message if request.scope.get("state", {}).get("authorized", True) else "The model is not available."
-        )
-    body = error_body(message, "service_unavailable", code=engine.error_code)
-    return JSONResponse(body, status_code=503)
+    failure = engine.unavailable()
+    message = failure.message if _authorized(request) else "The model is not available."
+    return JSONResponse(error_body(message, "service_unavailable", code=failure.code), status_code=503)
+
+
+def _authorized(request: Request) -> bool:
+    """Whether the caller may see details: it sent a valid key, or no keys are set (see ApiKeyMiddleware)."""
+    return request.scope.get("state", {}).get("authorized", True)

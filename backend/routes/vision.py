@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from backend.dependencies import VisionHandlerDep
-from backend.handlers.streaming import ClientDisconnected, request_log, sse_response, unless_disconnected
+from backend.handlers.streaming import request_log, sse_response, unless_disconnected
 from backend.protocol.common import ErrorResponse
 from backend.protocol.vision import VisionAnalyzeRequest, VisionAnalyzeResponse
 
@@ -52,8 +52,5 @@ async def analyze_image(
     prepared = await unless_disconnected(request, handler.prepare(request), log)
     if prepared.body.stream:
         streams = handler.start(prepared)  # before the headers: a full queue is a 429, not a broken stream
-        return sse_response(handler.stream(prepared, streams, log), on_close=lambda: [s.cancel() for s in streams])
-    try:
-        return await unless_disconnected(request, handler.complete(prepared, log), log)
-    except ClientDisconnected:
-        return Response(status_code=499)
+        return sse_response(handler.stream(prepared, streams, log), cancel=streams)
+    return await unless_disconnected(request, handler.complete(prepared, log), log)

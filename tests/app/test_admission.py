@@ -3,6 +3,8 @@ all or none, a dead inference thread is a 503 and an `error` health, and odd tex
 
 import asyncio
 import contextlib
+import json
+import logging
 
 import pytest
 
@@ -109,3 +111,56 @@ async def test_deeply_nested_values_are_a_400(client):
     files = {"image": ("t.png", b"\x89PNG", "image/png")}
     response = await client.post("/v1/vision/analyze", data=fields, files=files)
     assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+async def call_and_hang_up(app, body: bytes, after: float) -> list[dict]:
+    """Call the app as a client that sends `body` and closes the connection `after` seconds later; the
+    messages the app sent back."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"localhost"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if incoming:
+            return incoming.pop()
+        await asyncio.sleep(after)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_a_client_that_leaves_while_its_request_is_prepared_is_a_499_not_a_500(app_client, caplog):
+    """The audit's hang-up: the client leaves while its image is still being fetched."""
+    stalled = asyncio.Event()
+
+    async def stall(reader, writer):  # an image server that never answers
+        stalled.set()
+        await asyncio.sleep(60)
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    app, _ = await app_client(image_url_allowed_domains="localhost", image_url_allow_private_networks=True)
+    url = f"http://localhost:{port}/tongue.png"
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    async with server:
+        sent = await asyncio.wait_for(call_and_hang_up(app, json.dumps(body).encode(), after=0.2), 30)
+    assert stalled.is_set()  # the client left during the fetch, not before it
+    assert sent[0]["status"] == 499
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

@@ -143,3 +143,14 @@ async def test_without_keys_health_shows_the_details(served):
     client = await served()
     body = (await client.get("/health")).json()
     assert body["status"] == "ready" and "memory" in body and body["served_model_name"] == "tiny"
+
+
+async def test_with_keys_a_failed_load_is_explained_only_to_the_operator(served, tmp_path):
+    client = await served(api_key="sk-operator-123", model_id=str(tmp_path))  # an empty folder: no model
+    for path in ("/health", "/ping"):
+        bare = await client.get(path)
+        assert bare.status_code == 503 and str(tmp_path) not in bare.text, path
+    assert (await client.get("/ping")).json()["error"]["message"] == "The model is not available."
+    keyed = {"Authorization": "Bearer sk-operator-123"}
+    assert str(tmp_path) in (await client.get("/ping", headers=keyed)).json()["error"]["message"]
+    assert str(tmp_path) in (await client.get("/health", headers=keyed)).json()["error"]

@@ -235,3 +235,25 @@ def test_connections_beyond_max_connections_are_answered_503(tiny_vl_dir, tmp_pa
         while httpx.get(limited.url + "/health", timeout=10).status_code != 200:  # freed as soon as they close
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_empty_lines_trickled_after_an_answer_are_cut_off(server):
+    """On a kept-alive connection, CRLFs start no request: they must not keep the connection for ever."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = b""
+        while b"healthy" not in first:  # the whole answer, which may come in more than one piece
+            first += connection.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        connection.settimeout(0.3)
+        started, answer = time.monotonic(), b""
+        while time.monotonic() - started < 20 and not answer:
+            try:
+                connection.sendall(b"\r\n")
+                answer = connection.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    assert answer.startswith(b"HTTP/1.1 408") or answer == b"", answer  # answered 408, or closed by keep-alive
+    assert time.monotonic() - started < 5  # HEADER_READ_TIMEOUT_SECONDS=2 here, not the 20 s of trickle

@@ -2,6 +2,8 @@
 shrunk, and an escaped exception each fail the requests they touch; a thread that dies anyway says so."""
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -13,9 +15,9 @@ from backend.engine.generation import Failed, Finished
 from backend.engine.prompt import ChatTurn
 from backend.engine.sampling import SamplingParams, make_generator
 from backend.engine.scheduler import Scheduler
-from backend.errors import ModelNotReadyError, OutOfMemoryError
+from backend.errors import ModelNotReadyError, OutOfMemoryError, QueueFullError
 from backend.protocol.chat import ChatCompletionRequest
-from tests.helpers import loaded_engine, wait_for
+from tests.helpers import Gate, LmHeadHook, loaded_engine, wait_for
 from tests.unit.test_batching import alone, inputs_for, job
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -76,7 +78,8 @@ def failing_torch_op(monkeypatch, owner, name, fail_on_call):
     return state
 
 
-def test_out_of_memory_while_the_batch_grows_fails_only_the_joining_request(vl, monkeypatch):
+@pytest.mark.parametrize("fail_on_call", [1, 2, 3, 4, 6, 9])  # in a key, a value, a padding, a later layer
+def test_out_of_memory_while_the_batch_grows_fails_only_the_joining_request(vl, monkeypatch, fail_on_call):
     inputs = inputs_for(vl, "舌质淡红，舌苔薄白")
     reference = alone(vl, inputs, max_new_tokens=12).text
     running, running_events = job(inputs, "running", max_new_tokens=12)
@@ -84,9 +87,9 @@ def test_out_of_memory_while_the_batch_grows_fails_only_the_joining_request(vl, 
     scheduler = scheduler_for(vl)
     scheduler.submit(running)
     scheduler.step()  # `running` is in the batch
-    # The third concatenation inside DecodeBatch.add fails: some layers would already be grown without the
-    # all-or-nothing swap, leaving the running row's cache corrupt.
-    state = failing_torch_op(monkeypatch, torch, "cat", fail_on_call=3)
+    # A concatenation inside DecodeBatch.add fails: the layers already grown must be put back, or the running
+    # row's cache would be corrupt.
+    state = failing_torch_op(monkeypatch, torch, "cat", fail_on_call=fail_on_call)
     real_add = DecodeBatch.add
 
     def add(self, *args):
@@ -192,3 +195,51 @@ def test_n_choices_are_queued_all_or_none(vl):
         scheduler.submit(*(job(inputs, f"n{i}")[0] for i in range(2)))
     assert getattr(refused.value, "status_code", None) == 429
     assert scheduler.waiting == 2  # nothing of the refused request was queued
+
+
+async def test_jobs_in_their_prefill_are_not_free_rows_for_the_queue(tiny_vl_dir):
+    """While admitted jobs prefill they have left the queue but are not in the batch yet: the queue limit
+    must still count them, or MAX_QUEUE could be passed by a batch's worth."""
+    engine = await loaded_engine(tiny_vl_dir, max_batch_size=4, max_queue=2)
+    gate = Gate()
+
+    def hold_the_prefill(call, logits):
+        if call == 0:
+            gate.stop_here()
+        return logits
+
+    try:
+        inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+        params = SamplingParams(max_new_tokens=2, temperature=0)
+        with LmHeadHook(engine.loaded.model, hold_the_prefill):
+            prefilling = [engine.generate(f"p{i}", inputs, params) for i in range(4)]
+            await gate.wait_reached()
+            assert engine.scheduler.waiting == 0 and engine.scheduler.running == 0  # all four are starting
+            queued = [engine.generate(f"q{i}", inputs, params) for i in range(2)]  # MAX_QUEUE of them wait
+            with pytest.raises(QueueFullError):
+                engine.generate("one-too-many", inputs, params)
+            gate.open()
+            results = await asyncio.wait_for(asyncio.gather(*(s.collect() for s in prefilling + queued)), 60)
+        assert [result.finish.completion_tokens for result in results] == [2] * 6
+    finally:
+        gate.open()
+        await engine.shutdown()
+
+
+def test_a_failure_escaping_the_start_of_jobs_answers_them(vl, monkeypatch):
+    """The per-step guard in `run` fails the jobs admitted in that step too, not only the running batch."""
+    inputs = inputs_for(vl, "你好")
+    scheduler = scheduler_for(vl)
+    first, first_events = job(inputs, "first", max_new_tokens=3)
+    monkeypatch.setattr(Scheduler, "_prefill_group", lambda self, jobs: (_ for _ in ()).throw(RuntimeError("bug")))
+    scheduler.submit(first)
+    thread = threading.Thread(target=scheduler.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not first.answered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(first_events.last, Failed) and str(first_events.last.error) == "bug"
+    finally:
+        scheduler.stop()
+        thread.join(30)

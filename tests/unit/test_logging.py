@@ -42,3 +42,15 @@ def test_json_lines_are_single_lines_by_construction():
 
 def test_printable_unicode_is_kept():
     assert escape_control("舌诊 tongue\t") == "舌诊 tongue\\t"
+
+
+def test_a_client_text_inside_an_exception_cannot_start_a_line():
+    import sys
+
+    try:
+        raise ValueError("bad path /x\r\n2026-12-02 01:00:00,000 INFO backend.access: forged\x1b[2K")
+    except ValueError:
+        line = TextFormatter().format(record("failed", exc_info=sys.exc_info()))
+    lines = line.split("\n")
+    assert lines[0].endswith("failed") and all(later.startswith("    ") for later in lines[1:])
+    assert "\r" not in line and "\x1b" not in line and "forged\\x1b[2K" in line
