@@ -10,10 +10,10 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from backend.engine.devices import limit_malloc_arenas
 from backend.errors import error_body
 from backend.http_protocol import with_header_deadline
 from backend.logging_setup import configure_logging
+from backend.process_memory import limit_malloc_arenas
 from backend.settings import Settings, describe_settings_error
 
 HEALTH_PATHS = frozenset({"/ping", "/health"})

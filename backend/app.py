@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from backend.engine.engine import Engine
+from backend.engines import EngineClient, create_engine
 from backend.errors import install_error_handlers
 from backend.handlers.chat import ChatCompletionHandler
 from backend.handlers.vision import VisionHandler
@@ -52,9 +52,9 @@ def warn_about_exposure(settings: Settings) -> None:
         logger.warning("ALLOWED_HOSTS=*: any host name is served, which DNS-rebinding pages can use.")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app around `engine` (by default one that loads MODEL_ID from `settings`)."""
-    engine = engine or Engine(settings)
+def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAPI:
+    """Build the app around `engine` (by default the configured one, loading MODEL_ID from `settings`)."""
+    engine = engine or create_engine(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,8 +76,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     intake = ImageIntake(settings)
     app.state.chat_handler = ChatCompletionHandler(engine, settings, intake)
     app.state.vision_handler = VisionHandler(engine, settings, intake, app.state.chat_handler)
-    app.state.metrics = Metrics(settings.model_name)
-    engine.listeners.append(app.state.metrics.record)
+    app.state.metrics = Metrics(settings.model_name, engine)
+    engine.add_listener(app.state.metrics.record)
 
     # Added innermost first: a request meets CORS, then the request id and log line, then the host and
     # origin check, then the key check, then the body limits. CORS outermost means even a 401 or 413 can be

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from backend.engine.engine import Engine
+from backend.engines import EngineClient
 from backend.handlers.chat import ChatCompletionHandler
 from backend.handlers.vision import VisionHandler
 from backend.settings import Settings
@@ -17,8 +17,8 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
-    """The engine (model + inference thread)."""
+def get_engine(request: Request) -> EngineClient:
+    """The engine (whichever runs: the handlers only know its interface)."""
     return request.app.state.engine
 
 
@@ -33,6 +33,6 @@ def get_vision_handler(request: Request) -> VisionHandler:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
 ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(get_chat_handler)]
 VisionHandlerDep = Annotated[VisionHandler, Depends(get_vision_handler)]

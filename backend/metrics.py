@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from backend.engine.devices import memory_report
-from backend.engine.generation import Failed, Finished, GenerationEvent
+from backend.engines.events import Failed, Finished, GenerationEvent
 
 if TYPE_CHECKING:
-    from backend.engine.engine import Engine
+    from backend.engines import EngineClient
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
@@ -24,11 +23,12 @@ TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.
 class _MemoryCollector:
     """GPU memory per device (and the process RSS), read when Prometheus scrapes."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, engine: EngineClient) -> None:
         self._model_name = model_name
+        self._engine = engine
 
     def collect(self):
-        report = memory_report()
+        report = self._engine.memory()
         labels = ["model_name", "gpu"]
         allocated = GaugeMetricFamily("shizhen:gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=labels)
         reserved = GaugeMetricFamily(
@@ -48,7 +48,7 @@ class _MemoryCollector:
 class Metrics:
     """The server's series; `record` is fed every final generation event."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, engine: EngineClient) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self._model = model_name
@@ -97,7 +97,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_MemoryCollector(model_name))
+        self._engine = engine
+        self.registry.register(_MemoryCollector(model_name, engine))
 
     def record(self, event: GenerationEvent) -> None:
         """Count one final event (called on the inference thread; prometheus-client is thread-safe)."""
@@ -118,9 +119,9 @@ class Metrics:
                 decode = event.generation_seconds - event.time_to_first_token
                 self.inter_token.labels(model).observe(max(decode, 0.0) / (event.completion_tokens - 1))
 
-    def render(self, engine: Engine) -> bytes:
+    def render(self) -> bytes:
         """The exposition text, with the queue gauges read now."""
-        if engine.scheduler is not None:
-            self.running.labels(self._model).set(engine.scheduler.running)
-            self.waiting.labels(self._model).set(engine.scheduler.waiting)
+        running, waiting = self._engine.queue_sizes()
+        self.running.labels(self._model).set(running)
+        self.waiting.labels(self._model).set(waiting)
         return generate_latest(self.registry)

@@ -36,7 +36,7 @@ def fetch(retries: int) -> int:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from backend.engine.loader import hub_download_options
+    from backend.engines.transformers_engine.loader import hub_download_options
     from backend.settings import Settings
 
     settings = Settings()

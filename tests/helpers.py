@@ -47,11 +47,11 @@ def require_module(name: str):
 
 
 async def loaded_engine(model_dir, **overrides):
-    """An Engine on a tiny checkpoint, started and ready (the caller shuts it down)."""
-    from backend.engine.engine import Engine
+    """A transformers engine on a tiny checkpoint, started and ready (the caller shuts it down)."""
+    from backend.engines.transformers_engine.engine import TransformersEngine
     from tests.conftest import make_settings
 
-    engine = Engine(make_settings(model_dir, **overrides))
+    engine = TransformersEngine(make_settings(model_dir, **overrides))
     await engine.start()
     await engine.wait_until_loaded()
     assert engine.state == "ready"

@@ -9,11 +9,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from backend.engine.engine import KEEPALIVE, Engine, GenerationResult, GenerationStream
-from backend.engine.generation import Finished
-from backend.engine.loader import GenerationDefaults
-from backend.engine.prompt import ChatTurn, ModelInputs
-from backend.engine.sampling import SamplingParams
+from backend.engines import EngineClient
+from backend.engines.events import KEEPALIVE, Finished, GenerationResult, GenerationStream
+from backend.engines.requests import ChatTurn, GenerationDefaults, PreparedPrompt, SamplingParams
 from backend.errors import InvalidRequestError, ModelNotFoundError
 from backend.handlers.streaming import DONE_EVENT, KEEPALIVE_COMMENT, error_event, sse_event
 from backend.media import DecodedImage, ImageInput, ImageIntake
@@ -134,7 +132,7 @@ class PreparedChat:
 
     request_id: str
     created: int
-    inputs: ModelInputs
+    inputs: PreparedPrompt
     choices: list[SamplingParams]
     images: list[DecodedImage]
     preprocessing_seconds: float
@@ -143,7 +141,7 @@ class PreparedChat:
 class ChatCompletionHandler:
     """Serves `/v1/chat/completions` on top of the engine."""
 
-    def __init__(self, engine: Engine, settings: Settings, intake: ImageIntake) -> None:
+    def __init__(self, engine: EngineClient, settings: Settings, intake: ImageIntake) -> None:
         self._engine = engine
         self._settings = settings
         self._intake = intake
@@ -175,15 +173,15 @@ class ChatCompletionHandler:
         id_prefix: str,
     ) -> PreparedChat:
         """Tokenise a conversation (images resized within the request's bounds) and fix the sampling."""
-        loaded = self._engine.require_ready()
+        model = self._engine.require_ready()
         bounds = PixelBounds(self._settings.min_pixels, self._settings.max_pixels).narrowed(
             request.min_pixels, request.max_pixels
         )
-        inputs = await self._engine.build_inputs(turns, bounds)
+        inputs = await self._engine.prepare(turns, bounds)
         max_new = resolve_max_new_tokens(
-            request.requested_max_tokens, inputs.prompt_tokens, loaded.max_model_len, self._settings
+            request.requested_max_tokens, inputs.prompt_tokens, model.max_model_len, self._settings
         )
-        choices = [resolve_sampling(request, loaded.generation_defaults, max_new, index) for index in range(request.n)]
+        choices = [resolve_sampling(request, model.generation_defaults, max_new, index) for index in range(request.n)]
         return PreparedChat(
             request_id=f"{id_prefix}-{uuid.uuid4().hex}",
             created=int(time.time()),

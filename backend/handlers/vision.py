@@ -15,8 +15,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from backend.engine.engine import Engine, GenerationStream
-from backend.engine.prompt import ChatTurn
+from backend.engines import EngineClient
+from backend.engines.events import GenerationStream
+from backend.engines.requests import ChatTurn
 from backend.errors import InvalidRequestError, UnsupportedMediaTypeError
 from backend.handlers.chat import ChatCompletionHandler, PreparedChat, check_model_name
 from backend.media import ImageInput, ImageIntake
@@ -98,7 +99,9 @@ class PreparedVision:
 class VisionHandler:
     """Serves `/v1/vision/analyze` on top of the chat handler."""
 
-    def __init__(self, engine: Engine, settings: Settings, intake: ImageIntake, chat: ChatCompletionHandler) -> None:
+    def __init__(
+        self, engine: EngineClient, settings: Settings, intake: ImageIntake, chat: ChatCompletionHandler
+    ) -> None:
         self._engine = engine
         self._settings = settings
         self._intake = intake

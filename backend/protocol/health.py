@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class HealthResponse(BaseModel):
-    """Readiness and details; served with 200 when ready and 503 while loading or after a failed load."""
+    """Readiness and details; served with 200 when ready and 503 while loading or after a failed load.
+    Each engine adds the facts of its own (dtype, device, KV cache, ...) beside the common fields."""
+
+    model_config = ConfigDict(extra="allow")
 
     status: Literal["loading", "ready", "error"]
     error: str | None = None
+    engine: str | None = None  # which engine serves: transformers, vllm
     model_id: str
     revision: str | None = None
     resolved_revision: str | None = None
@@ -26,4 +30,4 @@ class HealthResponse(BaseModel):
     load_seconds: float | None = None
     uptime_seconds: float
     generation: dict[str, Any] | None = None  # counters: finished by reason, failed, generated tokens
-    scheduler: dict[str, int] | None = None  # running, waiting, peak, limits, prefill/decode passes and ms
+    scheduler: dict[str, int] | None = None  # running, waiting, peaks, limits, and the engine's own counters

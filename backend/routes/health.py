@@ -8,8 +8,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from backend.dependencies import EngineDep
-from backend.engine.devices import memory_report
+from backend.dependencies import EngineDep, SettingsDep
 from backend.errors import error_body
 from backend.protocol.health import HealthResponse
 
@@ -17,7 +16,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-async def health(engine: EngineDep, request: Request) -> JSONResponse:
+async def health(engine: EngineDep, settings: SettingsDep, request: Request) -> JSONResponse:
     """Readiness and details of the loaded model: 200 when ready, 503 while loading or after a failed load.
 
     When API keys are set, a caller without one (a load balancer) gets the status alone: the model's path,
@@ -26,39 +25,24 @@ async def health(engine: EngineDep, request: Request) -> JSONResponse:
     status = 200 if engine.state == "ready" else 503
     if not _authorized(request):
         return JSONResponse({"status": engine.state}, status_code=status)
-    settings = engine.settings
+    report = engine.report()
+    model = engine.model
     body = HealthResponse(
         status=engine.state,
         error=engine.error,
+        engine=report.engine,
         model_id=settings.model_id,
         revision=settings.model_revision,
+        resolved_revision=model.resolved_revision if model is not None else None,
         served_model_name=settings.model_name,
-        memory=memory_report(),
+        accepts_images=model.accepts_images if model is not None else None,
+        max_model_len=model.max_model_len if model is not None else None,
+        memory=report.memory,
         uptime_seconds=round(time.time() - engine.started_at, 3),
-        generation=asdict(engine.stats),
+        generation=asdict(report.generation),
+        scheduler=report.queue or None,
+        **report.details,
     )
-    if (scheduler := engine.scheduler) is not None:
-        body.scheduler = {
-            "running": scheduler.running,
-            "waiting": scheduler.waiting,
-            "peak_running": scheduler.peak_running,
-            "peak_waiting": scheduler.peak_waiting,
-            "max_batch_size": scheduler.max_batch_size,
-            "max_queue": scheduler.max_queue,
-            "prefill_passes": scheduler.prefill_passes,
-            "prefill_ms": round(scheduler.prefill_seconds * 1000),
-            "decode_steps": scheduler.decode_steps,
-            "decode_ms": round(scheduler.decode_seconds * 1000),
-        }
-    if (loaded := engine.loaded) is not None:
-        body.resolved_revision = loaded.resolved_revision
-        body.accepts_images = loaded.accepts_images
-        body.dtype = str(loaded.dtype).removeprefix("torch.")
-        body.device = str(loaded.device)
-        body.device_map = loaded.device_map
-        body.parameters = loaded.parameter_count
-        body.max_model_len = loaded.max_model_len
-        body.load_seconds = round(loaded.load_seconds, 3)
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
 

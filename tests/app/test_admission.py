@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from backend.engine.scheduler import Scheduler
+from backend.engines.transformers_engine.scheduler import Scheduler
 from tests.helpers import Gate, LmHeadHook, wait_for
 
 CHAT = "/v1/chat/completions"

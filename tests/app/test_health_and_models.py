@@ -6,8 +6,8 @@ import httpx
 from asgi_lifespan import LifespanManager
 
 from backend.app import create_app
-from backend.engine.engine import Engine
-from backend.engine.loader import load_model
+from backend.engines.transformers_engine.engine import TransformersEngine
+from backend.engines.transformers_engine.loader import load_model
 from tests.conftest import make_settings
 
 
@@ -61,7 +61,7 @@ async def test_while_loading_health_is_503_ping_is_204_and_chat_is_503(tiny_vl_d
         release.wait(30)
         return load_model(s)
 
-    app = create_app(settings, Engine(settings, loader=slow_loader))
+    app = create_app(settings, TransformersEngine(settings, loader=slow_loader))
     manager, client = await serve(app)
     try:
         health = await client.get("/health")

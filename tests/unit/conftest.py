@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.engine.loader import load_model
+from backend.engines.transformers_engine.loader import load_model
 from tests.conftest import make_settings
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta
-from backend.engine.prompt import ChatTurn, PromptBuilder
-from backend.engine.sampling import SamplingParams
-from backend.engine.scheduler import Scheduler, generate_alone
+from backend.engines.transformers_engine.generation import Failed, Finished, GenerationJob, TextDelta
+from backend.engines.transformers_engine.prompt import ChatTurn, PromptBuilder
+from backend.engines.transformers_engine.sampling import SamplingParams
+from backend.engines.transformers_engine.scheduler import Scheduler, generate_alone
 from backend.errors import QueueFullError, RequestTimeoutError
 from backend.media.resize import PixelBounds
 from tests.helpers import LmHeadHook

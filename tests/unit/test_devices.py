@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from backend.engine.devices import Hardware, max_memory_map, memory_report, resolve_dtype, uses_cuda
+from backend.engines.transformers_engine.devices import (
+    Hardware,
+    max_memory_map,
+    memory_report,
+    resolve_dtype,
+    uses_cuda,
+)
 
 CPU = Hardware(cuda_devices=0, bf16_supported=False)
 A100 = Hardware(cuda_devices=1, bf16_supported=True)

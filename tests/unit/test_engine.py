@@ -7,8 +7,8 @@ later request that could have run beside it anyway; the tests wait for the sched
 import asyncio
 import threading
 
-from backend.engine.prompt import ChatTurn
-from backend.engine.sampling import SamplingParams
+from backend.engines.transformers_engine.prompt import ChatTurn
+from backend.engines.transformers_engine.sampling import SamplingParams
 from tests.helpers import loaded_engine, wait_for
 
 
@@ -23,7 +23,7 @@ async def test_generation_runs_on_one_named_inference_thread(tiny_vl_dir):
 
     engine.loaded.model.forward = spy
     try:
-        inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+        inputs = await engine.prepare([ChatTurn("user", ["你好"])])
         streams = [engine.generate(f"r{i}", inputs, SamplingParams(max_new_tokens=3, temperature=0)) for i in range(3)]
         results = await asyncio.gather(*(stream.collect() for stream in streams))
     finally:
@@ -38,7 +38,7 @@ async def test_leaving_a_stream_early_cancels_its_generation(tiny_vl_dir):
     # A batch of one: the follow-up can only start once the abandoned generation has left the batch.
     engine = await loaded_engine(tiny_vl_dir, max_batch_size=1)
     try:
-        inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+        inputs = await engine.prepare([ChatTurn("user", ["你好"])])
         stream = engine.generate("r", inputs, SamplingParams(max_new_tokens=5000, temperature=0, ignore_eos=True))
         events = stream.events()
         async for delta in events:
@@ -58,7 +58,7 @@ async def test_leaving_a_stream_early_cancels_its_generation(tiny_vl_dir):
 async def test_shutdown_stops_running_and_queued_generations(tiny_vl_dir):
     # A batch of one: the first generation runs, the second waits in the queue.
     engine = await loaded_engine(tiny_vl_dir, max_batch_size=1)
-    inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+    inputs = await engine.prepare([ChatTurn("user", ["你好"])])
     params = SamplingParams(max_new_tokens=8000, temperature=0, ignore_eos=True)
     streams = [engine.generate(f"r{i}", inputs, params) for i in range(2)]
     collecting = [asyncio.ensure_future(stream.collect()) for stream in streams]

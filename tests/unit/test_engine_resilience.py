@@ -9,12 +9,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import backend.engine.generation as generation_module
-from backend.engine.batch import DecodeBatch
-from backend.engine.generation import Failed, Finished
-from backend.engine.prompt import ChatTurn
-from backend.engine.sampling import SamplingParams, make_generator
-from backend.engine.scheduler import Scheduler
+import backend.engines.transformers_engine.generation as generation_module
+from backend.engines.transformers_engine.batch import DecodeBatch
+from backend.engines.transformers_engine.generation import Failed, Finished
+from backend.engines.transformers_engine.prompt import ChatTurn
+from backend.engines.transformers_engine.sampling import SamplingParams, make_generator
+from backend.engines.transformers_engine.scheduler import Scheduler
 from backend.errors import ModelNotReadyError, OutOfMemoryError, QueueFullError
 from backend.protocol.chat import ChatCompletionRequest
 from tests.helpers import Gate, LmHeadHook, loaded_engine, wait_for
@@ -137,7 +137,7 @@ def test_out_of_memory_while_the_batch_shrinks_fails_the_rows_left_and_the_threa
 async def test_an_exception_escaping_a_step_fails_the_batch_and_the_thread_serves_on(tiny_vl_dir, monkeypatch):
     engine = await loaded_engine(tiny_vl_dir)
     try:
-        inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+        inputs = await engine.prepare([ChatTurn("user", ["你好"])])
         real_admit = Scheduler._admit
         calls = {"n": 0}
 
@@ -165,7 +165,7 @@ class ThreadKiller(BaseException):
 
 async def test_a_dead_inference_thread_is_visible_and_answers_everyone_at_once(tiny_vl_dir, monkeypatch):
     engine = await loaded_engine(tiny_vl_dir, max_batch_size=1)
-    inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+    inputs = await engine.prepare([ChatTurn("user", ["你好"])])
     running = engine.generate("running", inputs, SamplingParams(max_new_tokens=5000, temperature=0, ignore_eos=True))
     await wait_for(lambda: engine.stats.generated_tokens == 0 and engine.scheduler.running == 1, 30)
     waiting = engine.generate("waiting", inputs, SamplingParams(max_new_tokens=3, temperature=0))
@@ -209,7 +209,7 @@ async def test_jobs_in_their_prefill_are_not_free_rows_for_the_queue(tiny_vl_dir
         return logits
 
     try:
-        inputs = await engine.build_inputs([ChatTurn("user", ["你好"])])
+        inputs = await engine.prepare([ChatTurn("user", ["你好"])])
         params = SamplingParams(max_new_tokens=2, temperature=0)
         with LmHeadHook(engine.loaded.model, hold_the_prefill):
             prefilling = [engine.generate(f"p{i}", inputs, params) for i in range(4)]

@@ -4,8 +4,8 @@ longer than the context is refused after tokenising about a context's worth of i
 import pytest
 from PIL import Image
 
-import backend.engine.prompt as prompt_module
-from backend.engine.prompt import ChatTurn, PromptBuilder
+import backend.engines.transformers_engine.prompt as prompt_module
+from backend.engines.transformers_engine.prompt import ChatTurn, PromptBuilder
 from backend.errors import InvalidRequestError
 from backend.media.resize import PixelBounds
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine.engine import Engine
-from backend.engine.loader import GenerationDefaults, load_model
+from backend.engines.transformers_engine.engine import TransformersEngine
+from backend.engines.transformers_engine.loader import GenerationDefaults, load_model
 from backend.errors import InvalidRequestError
 from backend.handlers.chat import ChatCompletionHandler, resolve_max_new_tokens, resolve_sampling
 from backend.media import ImageIntake
@@ -184,11 +184,11 @@ def test_a_checkpoint_without_generation_config_uses_openai_defaults(tiny_vl_dir
 @pytest.fixture
 async def handler_for(tiny_vl_dir):
     """Make a chat handler over a freshly loaded engine with the given settings; shut down afterwards."""
-    engines: list[Engine] = []
+    engines: list[TransformersEngine] = []
 
     async def make(**overrides) -> ChatCompletionHandler:
         server = make_settings(tiny_vl_dir, **overrides)
-        engine = Engine(server)
+        engine = TransformersEngine(server)
         engines.append(engine)
         await engine.start()
         await engine.wait_until_loaded()

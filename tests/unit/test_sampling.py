@@ -4,7 +4,13 @@ import math
 
 import torch
 
-from backend.engine.sampling import SamplingParams, apply_penalties, choose_token, filter_logits, make_generator
+from backend.engines.transformers_engine.sampling import (
+    SamplingParams,
+    apply_penalties,
+    choose_token,
+    filter_logits,
+    make_generator,
+)
 
 EMPTY = torch.tensor([], dtype=torch.long)
 

@@ -27,12 +27,13 @@ import torch
 from asgi_lifespan import LifespanManager
 
 from backend.app import create_app
-from backend.engine.engine import Engine, EngineStats
-from backend.engine.generation import Failed, Finished, GenerationJob, TextDelta
-from backend.engine.loader import load_model
-from backend.engine.prompt import ChatTurn, PromptBuilder
-from backend.engine.sampling import SamplingParams
-from backend.engine.scheduler import Scheduler, generate_alone
+from backend.engines.events import EngineStats
+from backend.engines.transformers_engine.engine import TransformersEngine
+from backend.engines.transformers_engine.generation import Failed, Finished, GenerationJob, TextDelta
+from backend.engines.transformers_engine.loader import load_model
+from backend.engines.transformers_engine.prompt import ChatTurn, PromptBuilder
+from backend.engines.transformers_engine.sampling import SamplingParams
+from backend.engines.transformers_engine.scheduler import Scheduler, generate_alone
 from backend.errors import ModelNotReadyError, ModelOutputError, OutOfMemoryError
 from backend.media.resize import PixelBounds
 from tests.conftest import make_settings
@@ -167,7 +168,7 @@ def test_a_failing_decode_step_answers_every_running_row_and_the_next_job_runs(v
 @asynccontextmanager
 async def running_engine(model_dir, **overrides):
     """An engine over the tiny checkpoint, loaded on its own inference thread; shut down afterwards."""
-    engine = Engine(make_settings(model_dir, **overrides))
+    engine = TransformersEngine(make_settings(model_dir, **overrides))
     await engine.start()
     await engine.wait_until_loaded()
     assert engine.state == "ready", engine.error
@@ -184,7 +185,7 @@ async def test_a_decode_step_failure_reaches_the_stream_and_the_engine_serves_on
     make_error, is_expected = FAILURES[failure]
     params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
     async with running_engine(tiny_vl_dir) as engine:
-        inputs = await engine.build_inputs([ChatTurn("user", [PROMPTS[0]])])
+        inputs = await engine.prepare([ChatTurn("user", [PROMPTS[0]])])
         with LmHeadHook(engine.loaded.model, raising_at(2, make_error)) as hook:
             stream = engine.generate("failing", inputs, params)
             with pytest.raises(Exception) as caught:
@@ -305,7 +306,7 @@ async def test_the_engine_counts_a_generation_cancelled_during_its_prefill(tiny_
         return logits
 
     async with running_engine(tiny_vl_dir) as engine:
-        inputs = await engine.build_inputs([ChatTurn("user", [PROMPTS[0]])])
+        inputs = await engine.prepare([ChatTurn("user", [PROMPTS[0]])])
         with LmHeadHook(engine.loaded.model, cancel_in_prefill) as hook:
             params = SamplingParams(max_new_tokens=500, temperature=0.0, ignore_eos=True)
             streams.append(engine.generate("r", inputs, params))
@@ -491,7 +492,7 @@ async def test_requests_racing_engine_shutdown_all_get_an_answer(tiny_vl_dir):
 
     long = SamplingParams(max_new_tokens=5000, temperature=0.0, ignore_eos=True)
     async with running_engine(tiny_vl_dir, max_batch_size=1) as engine:
-        inputs = await engine.build_inputs([ChatTurn("user", [PROMPTS[2]])])
+        inputs = await engine.prepare([ChatTurn("user", [PROMPTS[2]])])
         with LmHeadHook(engine.loaded.model, hold_first_decode_step):
             try:
                 running = engine.generate("running", inputs, long)
@@ -521,7 +522,7 @@ async def test_shutdown_while_the_model_loads_returns_once_the_load_ends(tiny_vl
         assert release.wait(GUARD)
         return load_model(settings)
 
-    engine = Engine(make_settings(tiny_vl_dir), loader=gated_loader)
+    engine = TransformersEngine(make_settings(tiny_vl_dir), loader=gated_loader)
     await engine.start()
     with pytest.raises(ModelNotReadyError) as caught:
         engine.require_ready()

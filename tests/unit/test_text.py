@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from backend.engine.text import IncrementalDetokenizer, StopStringMatcher
+from backend.engines.transformers_engine.text import IncrementalDetokenizer, StopStringMatcher
 
 
 @pytest.fixture(scope="module")

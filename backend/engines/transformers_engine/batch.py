@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from backend.engine.generation import SequenceState
-from backend.engine.loader import LoadedModel
+from backend.engines.transformers_engine.generation import SequenceState
+from backend.engines.transformers_engine.loader import LoadedModel
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

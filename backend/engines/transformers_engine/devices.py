@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import resource
 from dataclasses import dataclass
 
 import torch
+
+from backend.process_memory import process_rss_bytes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -57,16 +55,6 @@ def max_memory_map(max_gpu_memory: str, hardware: Hardware) -> dict[int | str, s
     return {index: max_gpu_memory for index in range(hardware.cuda_devices)}
 
 
-def process_rss_bytes() -> int:
-    """Resident memory of this process right now (Linux), or its peak where /proc is absent."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            resident_pages = int(statm.read().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def memory_report() -> dict:
     """Memory in use: per GPU (allocated, reserved, total) on CUDA, and the process RSS always."""
     report: dict = {"process_rss_bytes": process_rss_bytes(), "gpus": []}
@@ -90,31 +78,3 @@ def free_accelerator_cache() -> None:
     """Give cached blocks back after an out-of-memory error, so the next request can allocate."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _libc():
-    """glibc, if this process runs on it (None elsewhere)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _libc()
-_M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Fewer glibc malloc arenas: with many threads (inference, image decoding, the event loop) each gets
-    its own arena and freed memory stays scattered over them, so RSS creeps up under load. Measured with
-    scripts/bench.py: RSS after warm-up grew ~10% over 500 requests with the default, ~4% with 2 arenas."""
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_ARENA_MAX, arenas)
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by finished requests back to the operating system (glibc's malloc_trim)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)

@@ -26,7 +26,14 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from backend.engine.devices import Hardware, max_memory_map, memory_report, resolve_dtype, uses_cuda
+from backend.engines.requests import GenerationDefaults
+from backend.engines.transformers_engine.devices import (
+    Hardware,
+    max_memory_map,
+    memory_report,
+    resolve_dtype,
+    uses_cuda,
+)
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,16 +44,6 @@ CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*
 
 class ModelLoadError(Exception):
     """The checkpoint could not be found or loaded; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """Sampling defaults from the checkpoint's `generation_config.json` (requests override them)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
 
 
 @dataclass

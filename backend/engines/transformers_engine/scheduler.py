@@ -15,11 +15,19 @@ from collections import deque
 
 import torch
 
-from backend.engine.batch import DecodeBatch
-from backend.engine.devices import free_accelerator_cache, release_free_memory
-from backend.engine.generation import Failed, Finished, GenerationJob, SequenceState, prefill, timeout_error
-from backend.engine.loader import LoadedModel
+from backend.engines.transformers_engine.batch import DecodeBatch
+from backend.engines.transformers_engine.devices import free_accelerator_cache
+from backend.engines.transformers_engine.generation import (
+    Failed,
+    Finished,
+    GenerationJob,
+    SequenceState,
+    prefill,
+    timeout_error,
+)
+from backend.engines.transformers_engine.loader import LoadedModel
 from backend.errors import ModelNotReadyError, OutOfMemoryError, QueueFullError
+from backend.process_memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 

@@ -7,31 +7,10 @@ request is reproducible and never touches the global RNG that other requests use
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request chooses its tokens and when it stops. Built from the API request."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # transformers' multiplicative penalty on prompt and answer tokens
-    presence_penalty: float = 0.0  # OpenAI's additive penalties on tokens already in the answer
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extension: always generate max_new_tokens (benchmarks, tests)
-
-    @property
-    def greedy(self) -> bool:
-        """Temperature 0 (or top-k 1) means: always the most likely token."""
-        return self.temperature == 0.0 or self.top_k == 1
+from backend.engines.requests import SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

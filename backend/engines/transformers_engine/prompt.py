@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from backend.engines.requests import ChatTurn
 from backend.errors import InvalidImageError, InvalidRequestError
 from backend.media.resize import PixelBounds, resize_for_model
 
@@ -29,17 +30,6 @@ IMAGE_PLACEHOLDER = "<|image_pad|>"
 _TEXT_MARKER = re.compile("\ue000(\\d+)\ue001")
 # Texts longer than this are tokenised in pieces (cut before a space), so that counting can stop early.
 _TEXT_PIECE_CHARS = 16384
-
-
-@dataclass
-class ChatTurn:
-    """One message of the conversation: a role and its parts, each a text or a decoded image."""
-
-    role: str
-    parts: list[str | Image.Image]
-    source: str = "messages"  # where the turn came from, for error messages ("messages[2]")
-    # Where each image came from, for error messages ("messages[0].content[1]").
-    image_sources: list[str] = field(default_factory=list)
 
 
 @dataclass

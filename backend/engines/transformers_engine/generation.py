@@ -16,41 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from backend.engine.loader import LoadedModel
-from backend.engine.prompt import ModelInputs
-from backend.engine.sampling import SamplingParams, choose_token, make_generator
-from backend.engine.text import IncrementalDetokenizer, StopStringMatcher
+from backend.engines.events import Failed, Finished, GenerationEvent, TextDelta
+from backend.engines.transformers_engine.loader import LoadedModel
+from backend.engines.transformers_engine.prompt import ModelInputs
+from backend.engines.transformers_engine.sampling import SamplingParams, choose_token, make_generator
+from backend.engines.transformers_engine.text import IncrementalDetokenizer, StopStringMatcher
 from backend.errors import ModelOutputError, RequestTimeoutError
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """New answer text (may be empty when a token only completed part of a character)."""
-
-    text: str
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The answer is complete. Timings are in seconds."""
-
-    finish_reason: str  # "stop", "length" or "abort"
-    prompt_tokens: int
-    completion_tokens: int
-    queue_seconds: float
-    time_to_first_token: float | None  # from the start of the work, not counting the queue
-    generation_seconds: float
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The generation broke; `error` is raised to whoever reads the stream."""
-
-    error: Exception
-
-
-GenerationEvent = TextDelta | Finished | Failed
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the engine keeps sets of jobs

@@ -1,1 +1,0 @@
-"""The model side: loading, prompts, sampling, the decode loop, and the inference thread."""

@@ -1,0 +1,85 @@
+"""The HTTP side over the fake engine: handler logic checked in milliseconds, and proof that nothing above
+the engine interface depends on which engine runs."""
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from backend.app import create_app
+from backend.engines.fake import FakeEngine
+from tests.conftest import ROOT, make_settings
+from tests.helpers import parse_sse
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+async def serve(tmp_path):
+    managers = []
+
+    async def make(engine: FakeEngine, **settings):
+        app = create_app(make_settings(tmp_path, **settings), engine)
+        manager = LifespanManager(app, startup_timeout=10, shutdown_timeout=10)
+        await manager.__aenter__()
+        managers.append(manager)
+        await engine.wait_until_loaded()
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=10)
+
+    yield make
+    for manager in managers:
+        await manager.__aexit__(None, None, None)
+
+
+def chat(content="你好", **extra):
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+async def test_answers_choices_usage_and_finish_reasons(serve):
+    engine = FakeEngine(reply=lambda text: "舌淡苔白")
+    client = await serve(engine)
+    body = (await client.post(CHAT, json=chat(n=2, max_tokens=3))).json()
+    assert [choice["message"]["content"] for choice in body["choices"]] == ["舌淡苔", "舌淡苔"]
+    assert {choice["finish_reason"] for choice in body["choices"]} == {"length"}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    whole = (await client.post(CHAT, json=chat(max_tokens=10))).json()["choices"][0]
+    assert whole["message"]["content"] == "舌淡苔白" and whole["finish_reason"] == "stop"
+
+
+async def test_the_stream_format(serve):
+    client = await serve(FakeEngine(reply=lambda text: "气虚"))
+    response = await client.post(CHAT, json=chat(stream=True, stream_options={"include_usage": True}))
+    events = parse_sse(response.text)
+    assert events[-1] == "[DONE]"
+    assert "".join(event["choices"][0]["delta"].get("content", "") for event in events[:-2]) == "气虚"
+    assert events[-2]["usage"]["completion_tokens"] == 2
+
+
+async def test_the_engines_own_queue_limit_is_a_429_and_loading_is_a_503(serve):
+    busy = await serve(FakeEngine(max_queue=1, seconds_per_token=0.05))
+    refused = await busy.post(CHAT, json=chat(n=2))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+    failed = await serve(FakeEngine(load_error="no weights"))
+    response = await failed.post(CHAT, json=chat())
+    assert response.status_code == 503 and "no weights" in response.json()["error"]["message"]
+    health = await failed.get("/health")
+    assert health.status_code == 503 and health.json()["engine"] == "fake"
+
+
+async def test_a_context_too_long_for_the_model_is_a_400(serve):
+    client = await serve(FakeEngine(max_model_len=10))
+    response = await client.post(CHAT, json=chat("一二三四五六七八九十"))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_http_side_imports_no_engine():
+    """Importing the app, its handlers and routes loads neither torch nor transformers: they only know the
+    engine interface. (Run in a fresh interpreter: this test process has imported both already.)"""
+    probe = (
+        "import sys, backend.app, backend.handlers.chat, backend.handlers.vision, backend.routes.health, "
+        "backend.metrics; print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
