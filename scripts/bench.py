@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `--raw` loads the checkpoint with the server's own choice of model class
 PROMPTS = [
     "请介绍舌诊的基本方法。",
     "舌质淡红，舌苔薄白，脉缓，这是什么体质？",
@@ -292,10 +293,14 @@ def start_transformers_serve(checkpoint: Path, binary: str, continuous: bool, lo
 def raw_generate(checkpoint: Path, batch_sizes: list[int], max_tokens: int) -> list[dict]:
     """Tokens/s of plain `model.generate` (greedy, exactly `max_tokens` new tokens, left padding)."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from backend.engines.transformers_engine.loader import model_class_for
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    # The class the server itself would pick: a text-only checkpoint (Qwen2) is a causal LM, not image-text.
+    model_class = model_class_for(AutoConfig.from_pretrained(checkpoint))
+    model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
     results = []
     for batch in batch_sizes:
         texts = [

@@ -170,6 +170,16 @@ def _context_length(config: Any, settings: Settings) -> int:
     return min(settings.max_model_len, model_limit) if settings.max_model_len else model_limit
 
 
+def is_image_text_to_text(config: Any) -> bool:
+    """Whether the checkpoint reads images (Qwen2.5-VL) rather than text alone (Qwen2)."""
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
+
+
+def model_class_for(config: Any):
+    """The transformers Auto class that builds this checkpoint: chosen by its config, never its name."""
+    return AutoModelForImageTextToText if is_image_text_to_text(config) else AutoModelForCausalLM
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the checkpoint named by MODEL_ID onto the configured devices; log time and memory."""
     started = time.perf_counter()
@@ -178,7 +188,7 @@ def load_model(settings: Settings) -> LoadedModel:
         config = AutoConfig.from_pretrained(checkpoint)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{checkpoint} has no usable config.json: {exc}") from exc
-    is_multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
+    is_multimodal = is_image_text_to_text(config)
 
     hardware = Hardware.detect()
     on_gpu = uses_cuda(settings.device_map, hardware)
@@ -190,7 +200,7 @@ def load_model(settings: Settings) -> LoadedModel:
     elif hardware.cuda_devices == 0 and settings.device_map not in ("auto", "cpu"):
         logger.warning("DEVICE_MAP=%s ignored: no CUDA device is visible, loading on CPU", settings.device_map)
 
-    model_class = AutoModelForImageTextToText if is_multimodal else AutoModelForCausalLM
+    model_class = model_class_for(config)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     image_processor = AutoImageProcessor.from_pretrained(checkpoint) if is_multimodal else None
     chat_template = _read_chat_template(checkpoint, tokenizer)
