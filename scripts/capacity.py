@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-FULL_SIZE_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-vl-32b-config.json"
+from full_size import FULL_SIZE_CONFIG  # scripts/ is on the path when a script runs
+
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 

@@ -8,6 +8,7 @@ dimensions, so `from_pretrained(DIR)` loads it through exactly the code path tha
 
 Usage:
     python scripts/make_tiny_model.py --out DIR [--size tiny|bench] [--text-only]
+    python scripts/make_tiny_model.py --out DIR --size full   # the 32B-VL architecture, no weights
 
 The same arguments write the same bytes on every run (fixed seed, fixed corpus, no timestamps).
 """
@@ -173,8 +174,9 @@ SIZES = {
 SEED = 1234
 
 
-def train_tokenizer(num_merges: int, text_only: bool, model_max_length: int):
-    """Learn a byte-level BPE on CORPUS with Qwen2's pre-tokenizer, and wrap it as a `Qwen2Tokenizer`."""
+def train_tokenizer(num_merges: int, text_only: bool, model_max_length: int, vocabulary_size: int | None = None):
+    """Learn a byte-level BPE on CORPUS with Qwen2's pre-tokenizer, and wrap it as a `Qwen2Tokenizer`; with
+    `vocabulary_size`, filled up to that many regular tokens (the full-size model's 151,643)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
@@ -198,6 +200,11 @@ def train_tokenizer(num_merges: int, text_only: bool, model_max_length: int):
     model_state = json.loads(bpe.to_str())["model"]
     vocab: dict[str, int] = model_state["vocab"]
     merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in model_state["merges"]]
+    if vocabulary_size is not None:
+        from full_size import fill_vocabulary
+
+        vocab = dict(vocab)
+        fill_vocabulary(vocab, merges, vocabulary_size)
 
     special = [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
     vocab = dict(vocab)
@@ -355,7 +362,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write the checkpoint into")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (tests) or bench (benchmarks)")
+    parser.add_argument(
+        "--size",
+        choices=[*sorted(SIZES), "full"],
+        default="tiny",
+        help="tiny (tests), bench (benchmarks), or full: the 32B-VL architecture without weights (LOAD_FORMAT=dummy)",
+    )
     parser.add_argument("--text-only", action="store_true", help="write a Qwen2 causal LM (no vision tower)")
     return parser.parse_args(argv)
 
@@ -363,6 +375,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: write the checkpoint and say where it is."""
     args = parse_args(argv)
+    if args.size == "full":
+        from full_size import write_full_size_folder
+
+        write_full_size_folder(args.out.resolve(), train_tokenizer, save_processor, SPECIAL_TOKENS, PLAIN_ADDED_TOKENS)
+        print(f"wrote the full-size Qwen2.5-VL-32B architecture (no weights) to {args.out}", file=sys.stderr)
+        return 0
     write_checkpoint(args.out.resolve(), args.size, args.text_only)
     kind = "Qwen2 causal LM" if args.text_only else "Qwen2.5-VL"
     print(f"wrote a {args.size} {kind} checkpoint to {args.out}", file=sys.stderr)
