@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_gpu_memory: str = Field("75GiB", description="memory cap per GPU for the weights (accelerate max_memory)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_model_len: int | None = Field(None, gt=0, description="context length; empty = the model's own")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="dummy: random weights made on the device (measure an architecture without its weights)"
+    )
 
     # --- server ---
     host: str = Field("127.0.0.1", min_length=1)

@@ -74,12 +74,16 @@ class LoadedModel:
 
 
 def hub_download_options(settings: Settings) -> dict[str, Any]:
-    """`snapshot_download` arguments for MODEL_ID: its revision, the volume's cache, only the files serving needs."""
+    """`snapshot_download` arguments for MODEL_ID: its revision, the volume's cache, only the files serving needs
+    (and no weights at all with LOAD_FORMAT=dummy)."""
+    patterns = CHECKPOINT_FILES
+    if settings.load_format == "dummy":
+        patterns = [pattern for pattern in CHECKPOINT_FILES if pattern != "*.safetensors"]
     return {
         "repo_id": settings.model_id,
         "revision": settings.model_revision,
         "cache_dir": settings.hub_cache_dir,
-        "allow_patterns": CHECKPOINT_FILES,
+        "allow_patterns": patterns,
     }
 
 
@@ -180,6 +184,15 @@ def model_class_for(config: Any):
     return AutoModelForImageTextToText if is_image_text_to_text(config) else AutoModelForCausalLM
 
 
+def random_model(model_class, config: Any, dtype: torch.dtype, attn_implementation: str, device: str):
+    """The architecture with random weights made directly on `device` in `dtype` (LOAD_FORMAT=dummy): a
+    full-size model can be measured on a GPU without its 64 GB of weights, and no copy ever sits in CPU
+    memory. Seeded, so two loads are the same model."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return model_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the checkpoint named by MODEL_ID onto the configured devices; log time and memory."""
     started = time.perf_counter()
@@ -204,7 +217,10 @@ def load_model(settings: Settings) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     image_processor = AutoImageProcessor.from_pretrained(checkpoint) if is_multimodal else None
     chat_template = _read_chat_template(checkpoint, tokenizer)
-    model = model_class.from_pretrained(checkpoint, **options)
+    if settings.load_format == "dummy":
+        model = random_model(model_class, config, dtype, settings.attn_implementation, "cuda:0" if on_gpu else "cpu")
+    else:
+        model = model_class.from_pretrained(checkpoint, **options)
     model.eval()
 
     generation_config = getattr(model, "generation_config", None)
