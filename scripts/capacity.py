@@ -22,6 +22,8 @@ from pathlib import Path
 from full_size import FULL_SIZE_CONFIG  # scripts/ is on the path when a script runs
 
 GIB = 2**30
+A100_80GB_GIB = 79.2  # what CUDA reports as the total of an "80 GB" A100 (vLLM budgets a share of this)
+VLLM_UTILIZATION = 0.92  # vLLM 0.32's default gpu_memory_utilization
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -79,8 +81,8 @@ def kv_bytes_per_token(text: dict, dtype_bytes: int) -> int:
 def capacity(
     config: dict,
     gpus: int = 1,
-    gpu_memory_gib: float = 80.0,
-    utilization: float = 0.9,
+    gpu_memory_gib: float = A100_80GB_GIB,
+    utilization: float = VLLM_UTILIZATION,
     reserve_gib: float = 3.0,
     context: int = 4096,
     dtype: str | None = None,
@@ -102,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=FULL_SIZE_CONFIG, help="a config.json")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs, with tensor parallelism over all of them")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (A100 80GB: 80)")
-    parser.add_argument("--utilization", type=float, default=0.9, help="share the engine may use (vLLM's 0.9)")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=A100_80GB_GIB, help="one GPU's total as CUDA reports it (A100 80GB)"
+    )
+    parser.add_argument(
+        "--utilization", type=float, default=VLLM_UTILIZATION, help="share the engine may use (vLLM's default)"
+    )
     parser.add_argument("--reserve-gib", type=float, default=3.0, help="activations, vision peak, CUDA graphs")
     parser.add_argument("--context", type=int, default=4096, help="tokens of one conversation")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="default: the config's torch_dtype")

@@ -1,10 +1,10 @@
 """`make_tiny_model.py --size full`: the ShizhenGPT-32B-VL architecture as a folder without weights.
 
-The folder has the full-size config (`../shared/data/qwen2.5-vl-32b-config.json`), a tokenizer whose ids
-cover the whole vocabulary (151,643 byte-level BPE tokens, then Qwen2.5's special and added tokens at the
-same ids as the real tokenizer: `<|endoftext|>` 151643 ... `<|file_sep|>` 151664), the image processor and
-the chat template. No weights: the engines create them at random directly on the GPU (`LOAD_FORMAT=dummy`),
-so a 64 GB model can be measured where the real one cannot be downloaded.
+The folder has the full-size config (`scripts/data/qwen2.5-vl-32b-config.json`, from `../shared/data/`), a
+tokenizer whose ids cover the whole vocabulary (151,643 byte-level BPE tokens, then Qwen2.5's special and
+added tokens at the same ids as the real tokenizer: `<|endoftext|>` 151643 ... `<|file_sep|>` 151664), the
+image processor and the chat template. No weights: the engine creates them at random directly on the GPU
+(`LOAD_FORMAT=dummy`), so a 64 GB model can be measured where the real one cannot be downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FULL_SIZE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen2.5-vl-32b-config.json"
+# A copy of ../shared/data/qwen2.5-vl-32b-config.json kept in the repository, so that a pod, an image or a GPU
+# machine without the shared folder has it (tests/unit/test_full_size_folder.py checks the two are the same).
+FULL_SIZE_CONFIG = Path(__file__).resolve().parent / "data" / "qwen2.5-vl-32b-config.json"
+SHARED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen2.5-vl-32b-config.json"
 REGULAR_VOCABULARY = 151_643  # byte-level BPE tokens before the first special token, as in Qwen2.5
 
 

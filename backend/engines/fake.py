@@ -1,9 +1,9 @@
 """`FakeEngine`: an engine without a model, for tests of the HTTP side's own logic in milliseconds.
 
-It answers every generation with a scripted text, one character per token, on the event loop; it keeps a
-bounded queue like a real engine (`max_queue` gives 429), honours cancellation (`abort`), can be made to load
-slowly or to fail loading, and counts what it did. The handlers cannot tell it from a real engine: that is
-the point of the interface. End-to-end tests keep using the real tiny checkpoints.
+It answers every generation with a scripted text, one character per token, on the event loop; it bounds
+how many run at once (429 beyond), honours cancellation (`abort`), stop strings and shutdown, can be made to
+load slowly or to fail loading, and counts what it did: enough for the handlers' own logic, which only
+speaks to the interface. End-to-end tests keep using the real tiny checkpoints.
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ class FakePrompt:
 
 
 class FakeEngine(EngineClient):
-    """Answers `reply(prompt_text)` for every generation, a character per token."""
+    """Answers `reply(prompt_text)` for every generation, a character per token.
+
+    What it honours: `max_new_tokens` (finish `length`), stop strings (cut, finish `stop`), `ignore_eos` (the
+    reply repeats up to `max_new_tokens`), cancellation (finish `abort`), shutdown (later requests get 503),
+    and at most `max_running` generations at once (beyond: 429). What it does not: sampling (the reply is
+    the reply), seeds, and deadlines (REQUEST_TIMEOUT belongs to the real engines).
+    """
 
     name = "fake"
 
@@ -46,7 +52,7 @@ class FakeEngine(EngineClient):
         *,
         max_model_len: int = 4096,
         accepts_images: bool = True,
-        max_queue: int = 64,
+        max_running: int = 64,
         seconds_per_token: float = 0.0,
         load_seconds: float = 0.0,
         load_error: str | None = None,
@@ -54,12 +60,15 @@ class FakeEngine(EngineClient):
         super().__init__()
         self._reply = reply
         self._model = ServedModel(max_model_len=max_model_len, accepts_images=accepts_images)
-        self._max_queue = max_queue
+        self._max_running = max_running
+        self._running = 0
+        self._stopping = False
         self._seconds_per_token = seconds_per_token
         self._load_seconds = load_seconds
         self._load_error = load_error
         self._loaded = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._cancels: set[asyncio.Event] = set()
         self.prompts: list[FakePrompt] = []  # every prepared prompt, for assertions
 
     async def start(self) -> None:
@@ -77,9 +86,10 @@ class FakeEngine(EngineClient):
         await self._loaded.wait()
 
     async def shutdown(self) -> None:
-        """Abort every generation still running."""
-        for task in list(self._tasks):
-            task.cancel()
+        """Refuse new work, abort what runs (each ends with `abort`), and wait for it."""
+        self._stopping = True
+        for cancel in list(self._cancels):
+            cancel.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
@@ -111,47 +121,68 @@ class FakeEngine(EngineClient):
         return prompt
 
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: FakePrompt) -> list[GenerationStream]:
-        """Start one scripted answer per choice, all or none within `max_queue`."""
+        """Start one scripted answer per choice, all or none within `max_running`."""
         self.require_ready()
-        if len(self._tasks) + len(choices) > self._max_queue:
-            raise QueueFullError(self._max_queue, retry_after_seconds=1)
+        if self._stopping:
+            raise ModelNotReadyError("The server is shutting down.", code="shutting_down")
+        if self._running + len(choices) > self._max_running:
+            raise QueueFullError(self._max_running, retry_after_seconds=1)
         streams = []
         for _, params in choices:
             queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-            task = asyncio.create_task(self._answer(prompt, params, queue))
+            cancel = asyncio.Event()
+            self._running += 1
+            self._cancels.add(cancel)
+            task = asyncio.create_task(self._answer(prompt, params, queue, cancel))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            streams.append(GenerationStream(queue, task.cancel))
+            streams.append(GenerationStream(queue, cancel.set))
         return streams
 
-    async def _answer(self, prompt: FakePrompt, params: SamplingParams, queue: asyncio.Queue) -> None:
-        """Stream the scripted reply (cut at max_tokens), then Finished; a cancel ends it with `abort`."""
+    async def _answer(
+        self, prompt: FakePrompt, params: SamplingParams, queue: asyncio.Queue, cancel: asyncio.Event
+    ) -> None:
+        """Stream the scripted reply, then exactly one final event, whatever happens."""
         started = time.perf_counter()
-        produced, reason = 0, "stop"
+        produced = 0
+        final: GenerationEvent | None = None
         try:
-            for character in self._reply(prompt.text):
-                if produced >= params.max_new_tokens:
-                    reason = "length"
+            text, reason = self._scripted(prompt, params)
+            for character in text:
+                if cancel.is_set():
+                    reason = "abort"
                     break
                 await asyncio.sleep(self._seconds_per_token)
                 produced += 1
                 queue.put_nowait(TextDelta(character, produced))
-        except asyncio.CancelledError:
-            reason = "abort"
+            if cancel.is_set():
+                reason = "abort"
+            elapsed = time.perf_counter() - started
+            final = Finished(reason, prompt.prompt_tokens, produced, 0.0, 0.0 if produced else None, elapsed)
         except Exception as exc:  # a scripted reply that raises: the request fails, as a broken model would
-            self._finish(queue, Failed(exc))
-            return
-        elapsed = time.perf_counter() - started
-        self._finish(queue, Finished(reason, prompt.prompt_tokens, produced, 0.0, 0.0 if produced else None, elapsed))
+            final = Failed(exc)
+        finally:
+            self._running -= 1  # before the client can see the end, so it may send the next request at once
+            self._cancels.discard(cancel)
+            final = final or Finished("abort", prompt.prompt_tokens, produced, 0.0, None, 0.0)
+            self._notify(final)
+            queue.put_nowait(final)
 
-    def _finish(self, queue: asyncio.Queue, event: GenerationEvent) -> None:
-        """Count the final event and hand it to the stream."""
-        self._notify(event)
-        queue.put_nowait(event)
+    def _scripted(self, prompt: FakePrompt, params: SamplingParams) -> tuple[str, str]:
+        """The text to stream and its finish reason, as a real engine would end it."""
+        text = self._reply(prompt.text)
+        if params.ignore_eos and text:
+            text = text * (params.max_new_tokens // len(text) + 1)
+        for stop in params.stop:
+            if stop in text:
+                return text[: text.index(stop)][: params.max_new_tokens], "stop"
+        if len(text) >= params.max_new_tokens:  # the end token would have been one more: `length`
+            return text[: params.max_new_tokens], "length"
+        return text, "stop"
 
     def queue_sizes(self) -> tuple[int, int]:
         """Every scripted answer runs at once: (running, 0)."""
-        return len(self._tasks), 0
+        return self._running, 0
 
     def memory(self) -> dict[str, Any]:
         """No GPU, no model: nothing worth measuring."""

@@ -1,6 +1,7 @@
 """The HTTP side over the fake engine: handler logic checked in milliseconds, and proof that nothing above
 the engine interface depends on which engine runs."""
 
+import asyncio
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ from asgi_lifespan import LifespanManager
 
 from backend.app import create_app
 from backend.engines.fake import FakeEngine
+from backend.engines.requests import ChatTurn, SamplingParams
+from backend.errors import ModelNotReadyError
 from tests.conftest import ROOT, make_settings
 from tests.helpers import parse_sse
 
@@ -46,6 +49,10 @@ async def test_answers_choices_usage_and_finish_reasons(serve):
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
     whole = (await client.post(CHAT, json=chat(max_tokens=10))).json()["choices"][0]
     assert whole["message"]["content"] == "舌淡苔白" and whole["finish_reason"] == "stop"
+    exact = (await client.post(CHAT, json=chat(max_tokens=4))).json()["choices"][0]
+    assert exact["finish_reason"] == "length"  # the end token would have been the fifth
+    stopped = (await client.post(CHAT, json=chat(max_tokens=10, stop=["苔"]))).json()["choices"][0]
+    assert stopped["message"]["content"] == "舌淡" and stopped["finish_reason"] == "stop"
 
 
 async def test_the_stream_format(serve):
@@ -58,7 +65,7 @@ async def test_the_stream_format(serve):
 
 
 async def test_the_engines_own_queue_limit_is_a_429_and_loading_is_a_503(serve):
-    busy = await serve(FakeEngine(max_queue=1, seconds_per_token=0.05))
+    busy = await serve(FakeEngine(max_running=1, seconds_per_token=0.05))
     refused = await busy.post(CHAT, json=chat(n=2))
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
     failed = await serve(FakeEngine(load_error="no weights"))
@@ -83,3 +90,22 @@ def test_the_http_side_imports_no_engine():
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+async def test_cancelled_before_it_ran_is_still_an_abort_and_shutdown_refuses_new_work():
+    engine = FakeEngine(max_running=1, seconds_per_token=0.01)
+    await engine.start()
+    await engine.wait_until_loaded()
+    prompt = await engine.prepare([ChatTurn("user", ["你好"])])
+    params = SamplingParams(max_new_tokens=5)
+    stream = engine.generate("r", prompt, params)
+    stream.cancel()  # before its task ever ran
+    result = await asyncio.wait_for(stream.collect(), 5)
+    assert result.finish.finish_reason == "abort" and engine.stats.finished["abort"] == 1
+    again = await asyncio.wait_for(engine.generate("next", prompt, params).collect(), 5)  # the slot is free
+    assert again.finish.completion_tokens == 4
+    running = engine.generate("long", prompt, SamplingParams(max_new_tokens=500, ignore_eos=True))
+    await asyncio.wait_for(engine.shutdown(), 5)
+    assert (await running.collect()).finish.finish_reason == "abort"
+    with pytest.raises(ModelNotReadyError):
+        engine.generate("late", prompt, params)

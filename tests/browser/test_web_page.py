@@ -241,7 +241,8 @@ def test_a_full_queue_shows_busy_with_the_servers_retry_after(browser, tiny_vl_d
             wait_for_scheduler(page, busy, running=1, waiting=0)
             with hold_request(busy.url, "/v1/chat/completions", long):
                 wait_for_scheduler(page, busy, running=1, waiting=1)
-                # The server's Retry-After for one running sequence is 1 s (backend/engine/scheduler.py).
+                # The server's Retry-After for one running sequence is 1 s
+                # (backend/engines/transformers_engine/scheduler.py).
                 ask_and_expect_an_error(page, 429, "请 1 秒后重试", "error-429.png")
         page.close()
         assert 429 in access_log_statuses(busy.log())

@@ -22,6 +22,12 @@ def folder(tmp_path_factory):
     return out
 
 
+def test_the_repositorys_copy_of_the_config_is_the_shared_one():
+    if not full_size.SHARED_CONFIG.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    assert full_size.FULL_SIZE_CONFIG.read_bytes() == full_size.SHARED_CONFIG.read_bytes()
+
+
 def test_the_config_is_the_full_size_one_and_no_weights_are_written(folder):
     written = json.loads((folder / "config.json").read_text())
     shared = json.loads(full_size.FULL_SIZE_CONFIG.read_text())
