@@ -164,45 +164,50 @@ _TEXT_STATUS = re.compile(r" status=(\d{3}) total_ms=")
 _TEXT_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (ERROR|CRITICAL) ")
 
 
+def _json_entry(line: str) -> dict | None:
+    """A json-format record as a dict ({} if it does not parse), or None for a text-format line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _access_status(line: str, entry: dict | None) -> int | None:
+    """The status of a request line (either format), or None for any other line."""
+    if entry is not None:
+        return int(entry["status"]) if entry.get("logger") == "backend.access" else None
+    if not _TEXT_ACCESS.search(line):
+        return None
+    found = _TEXT_STATUS.findall(line)
+    assert found, f"a request line without a status this parser reads: {line}"
+    return int(found[-1])
+
+
 def access_log_statuses(log: str) -> list[int]:
     """The HTTP status of every request line in a server log, in either LOG_FORMAT (text or json).
 
     Each request line must carry a status this parser can read: a line it cannot read is an error here, so
     a change of the log's format cannot make a "no 5xx in the log" check pass by finding nothing.
     """
-    statuses = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if entry.get("logger") == "backend.access":
-                statuses.append(int(entry["status"]))
-        elif _TEXT_ACCESS.search(line):
-            found = _TEXT_STATUS.findall(line)
-            assert found, f"a request line without a status this parser reads: {line}"
-            statuses.append(int(found[-1]))
-    return statuses
+    statuses = (_access_status(line, _json_entry(line)) for line in log.splitlines())
+    return [status for status in statuses if status is not None]
 
 
 def server_error_lines(log: str) -> list[str]:
     """Lines of a server log that show a server-side failure: a request answered 5xx, a record logged at
-    ERROR or CRITICAL (uvicorn's "Exception in ASGI application" is one), or a traceback."""
+    ERROR or CRITICAL (uvicorn's "Exception in ASGI application" is one), or a traceback (the text format
+    indents traceback lines)."""
     bad = []
     for line in log.splitlines():
-        if line.startswith("{"):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                entry = {}
-            if entry.get("level") in ("error", "critical") or "exception" in entry:
-                bad.append(line)
-                continue
-        if _TEXT_LEVEL.match(line) or line.startswith("Traceback (most recent call last)"):
-            bad.append(line)
-            continue
-        statuses = access_log_statuses(line)
-        if statuses and statuses[0] >= 500:
+        entry = _json_entry(line)
+        status = _access_status(line, entry)
+        if (
+            (entry is not None and (entry.get("level") in ("error", "critical") or "exception" in entry))
+            or _TEXT_LEVEL.match(line)
+            or line.lstrip().startswith("Traceback (most recent call last)")
+            or (status is not None and status >= 500)
+        ):
             bad.append(line)
     return bad
