@@ -1,4 +1,5 @@
 # ShizhenGPT server image for a RunPod load-balancing serverless endpoint (README: "Serverless").
+# The transformers engine (ENGINE=auto finds no vLLM here); Dockerfile.vllm is the same server on vLLM.
 # The base image brings CUDA and torch; requirements.txt accepts that torch, so pip installs only the rest.
 # The server downloads MODEL_ID into HF_HOME at its first start and finds it there afterwards.
 #   docker build --platform linux/amd64 -t you/shizhengpt-server:1 .   (on a machine with Docker; see README)
@@ -10,6 +11,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The balancer sends requests to PORT and polls GET /ping on PORT_HEALTH (200 ready, 204 loading).
 # A network volume is mounted at /runpod-volume: the model cache lives there, so a new worker does not
 # download 64 GB again. Every other setting of .env.example can be set on the endpoint.
+# WARMUP=1: one short generation (with an image) runs before /ping says 200, so the first request the
+# balancer routes here does not pay for first-use compilation and allocation.
 # ALLOWED_HOSTS=*: a worker is reached only through RunPod's balancer (which checks the RunPod key first),
 # under host names RunPod chooses; no browser shares its network, so there is no DNS-rebinding page to stop.
 ENV PYTHONUNBUFFERED=1 \
@@ -21,10 +24,12 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/runpod-volume/models \
     MODEL_ID=FreedomIntelligence/ShizhenGPT-32B-VL \
     LOG_FORMAT=json \
+    WARMUP=1 \
     ALLOWED_HOSTS=*
 
 WORKDIR /app
-COPY requirements.txt ./
+# requirements.txt starts with `-r requirements-server.txt`: both are needed for the install.
+COPY requirements-server.txt requirements.txt ./
 RUN python3.11 -m pip install --no-cache-dir -r requirements.txt \
     && python3.11 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 COPY backend ./backend

@@ -2,14 +2,20 @@
 # Run the ShizhenGPT server on a RunPod pod, with the model cached on the persistent volume.
 #
 #   ./deploy_runpod.sh                 setup, download, start
-#   ./deploy_runpod.sh setup           venv on the volume (reuses the image's CUDA torch); idempotent
+#   ./deploy_runpod.sh setup           venv on the volume (the image's CUDA torch, or vLLM's); idempotent
 #   ./deploy_runpod.sh download        fetch MODEL_ID into $HF_HOME with resume and retries; verify the files
 #   ./deploy_runpod.sh start           checks, then the server in the background; waits for /health
 #   ./deploy_runpod.sh stop | restart | status | logs [-f] | help
 #
 # Configured by the server's environment variables (see .env.example), read from the environment and from
-# $WORKSPACE/.env (the environment wins). Script-only: WORKSPACE (/workspace), VENV ($WORKSPACE/venv),
-# MODEL_DISK_GB and MODEL_VRAM_GB (what the model needs; estimated from MODEL_ID when unset), HF_TOKEN.
+# $WORKSPACE/.env (the environment wins). Script-only: WORKSPACE (/workspace), VENV ($WORKSPACE/venv, or
+# $WORKSPACE/venv-vllm with ENGINE=vllm), MODEL_DISK_GB and MODEL_VRAM_GB (what the model needs; estimated
+# from MODEL_ID when unset), HF_TOKEN, VLLM_SPEC (the vLLM that setup installs; default: vllm).
+#
+# ENGINE=vllm: setup installs vLLM (with its own CUDA torch) and the server into $WORKSPACE/venv-vllm, and the
+# server runs on vLLM. TENSOR_PARALLEL_SIZE=N splits the model across N GPUs (vLLM only: ENGINE=auto then
+# means vllm); start refuses when fewer than N GPUs are visible. WARMUP defaults to 1: one short generation
+# runs before /health says ready, so the first user does not wait for compilation.
 #
 # HOST defaults to 0.0.0.0 so that RunPod's proxy reaches the server, which makes it public: without API_KEY
 # the script refuses to start it on any address but loopback (127.0.0.1, localhost, ::1), before setup and
@@ -37,11 +43,23 @@ export MODEL_ID="${MODEL_ID:-FreedomIntelligence/ShizhenGPT-32B-VL}"
 export HF_HOME="${HF_HOME:-$WORKSPACE/models}"
 export HOST="${HOST:-0.0.0.0}"
 export PORT="${PORT:-8000}"
-VENV="${VENV:-$WORKSPACE/venv}"
+export WARMUP="${WARMUP:-1}"
+export ENGINE="${ENGINE:-auto}"
+export TENSOR_PARALLEL_SIZE="${TENSOR_PARALLEL_SIZE:-1}"
+# Only vLLM splits a model across GPUs (tensor parallelism): with more than one, `auto` can only mean vLLM.
+ENGINE_NOTE=""
+if [[ "$ENGINE" == auto && "$TENSOR_PARALLEL_SIZE" =~ ^[1-9][0-9]*$ ]] && ((TENSOR_PARALLEL_SIZE > 1)); then
+  ENGINE=vllm
+  ENGINE_NOTE="ENGINE=auto with TENSOR_PARALLEL_SIZE=$TENSOR_PARALLEL_SIZE: using vllm (the transformers engine has no tensor parallelism)"
+fi
+# Each engine has its own venv on the volume: vLLM pins its own torch, which must not replace the image's
+# CUDA torch that the transformers venv reuses; switching ENGINE back and forth reinstalls nothing.
+if [[ "$ENGINE" == vllm ]]; then VENV="${VENV:-$WORKSPACE/venv-vllm}"; else VENV="${VENV:-$WORKSPACE/venv}"; fi
 STATE_DIR="$WORKSPACE/shizhen"
 PID_FILE="$STATE_DIR/server.pid"
 LOG_FILE="$STATE_DIR/server.log"
-PYTHON="$VENV/bin/python"
+# Not PYTHON: that name, when exported, tells the bootstrap scripts which interpreter to build the venv from.
+VENV_PYTHON="$VENV/bin/python"
 
 say() { printf '==> %s\n' "$*"; }
 fail() {
@@ -111,11 +129,54 @@ public_url() {
   fi
 }
 
+# ENGINE and TENSOR_PARALLEL_SIZE make sense together, before anything is installed or started.
+ENGINE_CHECKED=""
+check_engine() {
+  [[ -z "$ENGINE_CHECKED" ]] || return 0
+  ENGINE_CHECKED=1
+  case "$ENGINE" in
+    auto | transformers | vllm) ;;
+    *) fail "ENGINE=$ENGINE is not an engine." "Set ENGINE to auto, transformers or vllm." ;;
+  esac
+  [[ "$TENSOR_PARALLEL_SIZE" =~ ^[1-9][0-9]*$ ]] ||
+    fail "TENSOR_PARALLEL_SIZE=$TENSOR_PARALLEL_SIZE is not a whole number of GPUs." "Set TENSOR_PARALLEL_SIZE=1, 2, 4 ..."
+  if [[ "$ENGINE" == transformers ]] && ((TENSOR_PARALLEL_SIZE > 1)); then
+    fail "TENSOR_PARALLEL_SIZE=$TENSOR_PARALLEL_SIZE needs ENGINE=vllm: the transformers engine cannot split a model across GPUs by tensor parallelism." \
+      "Set ENGINE=vllm (or leave ENGINE unset), or TENSOR_PARALLEL_SIZE=1."
+  fi
+  [[ -z "$ENGINE_NOTE" ]] || say "$ENGINE_NOTE"
+}
+
+# vLLM puts one worker on each of TENSOR_PARALLEL_SIZE GPUs; with fewer it fails only once the server is
+# starting, with a message about vLLM's internals. Counted here instead, in a second, before any install.
+GPU_COUNT_CHECKED=""
+check_gpu_count() {
+  local need="$TENSOR_PARALLEL_SIZE" seen
+  [[ -z "$GPU_COUNT_CHECKED" ]] || return 0
+  GPU_COUNT_CHECKED=1
+  ((need > 1)) || return 0
+  command -v nvidia-smi >/dev/null || fail "no GPU: nvidia-smi is not found." "Start the pod with $need GPUs (scripts/runpod.py create --gpu-count $need)."
+  seen="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU [0-9]' || true)"
+  if ((seen < need)); then
+    fail "TENSOR_PARALLEL_SIZE=$need splits the model across $need GPUs, but nvidia-smi -L lists ${seen:-0} on this pod." \
+      "Create the pod with --gpu-count $need (scripts/runpod.py create --gpu-count $need), or set TENSOR_PARALLEL_SIZE to the GPUs there are."
+  fi
+  say "tensor parallelism: the model is split across $need of the $seen GPUs"
+}
+
 cmd_setup() {
   [[ -d "$WORKSPACE" ]] || fail "$WORKSPACE does not exist." "Attach a volume mounted at /workspace, or set WORKSPACE."
-  say "setting up $VENV"
-  # The image's CUDA torch is reused (system site packages); only what is missing is installed.
-  VENV="$VENV" SYSTEM_SITE_PACKAGES=1 bash "$ROOT/scripts/bootstrap.sh"
+  check_engine
+  say "setting up $VENV (engine: $ENGINE)"
+  if [[ "$ENGINE" == vllm ]]; then
+    # pip install vllm (which brings its CUDA torch and transformers), then requirements-vllm.txt; a marker
+    # file in the venv makes a second run a no-op. VLLM_SPEC=vllm: a GPU build even if setup runs while the
+    # GPU is not visible (the script would otherwise choose the CPU build).
+    VENV_VLLM="$VENV" VLLM_SPEC="${VLLM_SPEC:-vllm}" bash "$ROOT/scripts/bootstrap_vllm.sh"
+  else
+    # The image's CUDA torch is reused (system site packages); only what is missing is installed.
+    VENV="$VENV" SYSTEM_SITE_PACKAGES=1 bash "$ROOT/scripts/bootstrap.sh"
+  fi
   command -v curl >/dev/null || fail "curl is missing." "apt-get install -y curl"
 }
 
@@ -139,12 +200,15 @@ cmd_download() {
   read -r need_disk _ <<<"$(model_needs)"
   [[ -d "$MODEL_ID" ]] || check_volume "$need_disk"
   say "fetching $MODEL_ID"
-  "$PYTHON" "$ROOT/scripts/fetch_model.py" || fail "the model is not complete." \
+  "$VENV_PYTHON" "$ROOT/scripts/fetch_model.py" || fail "the model is not complete." \
     "Run ./deploy_runpod.sh download again (it resumes); for gated models set HF_TOKEN."
 }
 
 check_gpu() {
   local need_vram="$1" line name total used free
+  check_gpu_count
+  # With tensor parallelism each GPU holds its share of the weights and the cache.
+  need_vram=$(((need_vram + TENSOR_PARALLEL_SIZE - 1) / TENSOR_PARALLEL_SIZE))
   command -v nvidia-smi >/dev/null || fail "no GPU: nvidia-smi is not found." "Start the pod with a GPU (A100 80GB for the 32B model)."
   line="$(nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits | head -n 1)" ||
     fail "nvidia-smi cannot read the GPU." "Restart the pod; if it persists, recreate it on another host."
@@ -169,16 +233,17 @@ cmd_start() {
     return 0
   fi
   check_api_key
+  check_engine
   read -r _ need_vram <<<"$(model_needs)"
   check_gpu "$need_vram"
   check_port
-  [[ -x "$PYTHON" ]] || fail "$VENV is not set up." "Run ./deploy_runpod.sh setup"
+  [[ -x "$VENV_PYTHON" ]] || fail "$VENV is not set up." "Run ./deploy_runpod.sh setup"
   mkdir -p "$STATE_DIR"
-  say "starting the server (log: $LOG_FILE)"
+  say "starting the server: ENGINE=$ENGINE, TENSOR_PARALLEL_SIZE=$TENSOR_PARALLEL_SIZE, WARMUP=$WARMUP (log: $LOG_FILE)"
   (
     cd "$ROOT" || exit 1
     # Only the server goes to the background (so $! is its pid), detached from this terminal's output.
-    nohup "$PYTHON" -m backend >>"$LOG_FILE" 2>&1 </dev/null &
+    nohup "$VENV_PYTHON" -m backend >>"$LOG_FILE" 2>&1 </dev/null &
     echo $! >"$PID_FILE"
   )
   local deadline=$((SECONDS + ${START_TIMEOUT:-1800})) status=""
@@ -247,12 +312,12 @@ cmd_help() {
 }
 
 case "${1:-all}" in
-  all) check_api_key && cmd_setup && cmd_download && cmd_start ;;
+  all) check_api_key && check_engine && check_gpu_count && cmd_setup && cmd_download && cmd_start ;;
   setup) cmd_setup ;;
   download) cmd_download ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
-  restart) check_api_key && cmd_stop && cmd_start ;; # refuse before stopping the running server
+  restart) check_api_key && check_engine && check_gpu_count && cmd_stop && cmd_start ;; # refuse before stopping the running server
   status) cmd_status ;;
   logs) cmd_logs "${2:-}" ;;
   help | -h | --help) cmd_help ;;

@@ -60,9 +60,12 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         warn_about_exposure(settings)
         await engine.start()
+        warm_up = engine.start_warm_up() if settings.warmup else None
         try:
             yield
         finally:
+            if warm_up is not None:
+                warm_up.cancel()
             await engine.shutdown()
 
     app = FastAPI(

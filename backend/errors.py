@@ -1,6 +1,7 @@
 """Every failure the API reports, and the one place that maps them to the OpenAI error envelope.
 
-Handlers raise an `APIError` subclass; `install_error_handlers` turns it, FastAPI's validation errors,
+Handlers and engines raise an `APIError` subclass (plain exceptions: this module imports FastAPI only inside
+`install_error_handlers`); `install_error_handlers` turns it, FastAPI's validation errors,
 Starlette's HTTP errors (unknown routes, wrong methods) and unexpected exceptions into
 `{"error": {"message", "type", "param", "code"}}` with a fitting status. A 500 means a bug in this server.
 """
@@ -8,12 +9,12 @@ Starlette's HTTP errors (unknown routes, wrong methods) and unexpected exception
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+if TYPE_CHECKING:  # the engines raise these classes without importing the web framework
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,13 @@ class ModelNotReadyError(APIError):
     error_type = "service_unavailable"
 
 
+class ModelLoadError(ModelNotReadyError):
+    """The checkpoint could not be found or loaded; the message says what to do (503 until restarted)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="model_load_failed")
+
+
 class OutOfMemoryError(APIError):
     """The accelerator ran out of memory on this request; the server freed its cache and goes on (503)."""
 
@@ -146,6 +154,11 @@ class RequestTimeoutError(APIError):
     def __init__(self, message: str) -> None:
         super().__init__(message, code="request_timeout")
 
+    @classmethod
+    def after(cls, limit_seconds: float) -> RequestTimeoutError:
+        """The error every engine raises for a generation stopped at its deadline."""
+        return cls(f"The request took longer than {limit_seconds:g} s (REQUEST_TIMEOUT) and was stopped.")
+
 
 class ModelOutputError(APIError):
     """The model produced non-finite logits (float16 overflow): the answer would be garbage (500)."""
@@ -160,6 +173,8 @@ def error_body(message: str, error_type: str, param: str | None = None, code: An
 
 
 def _json_error(status_code: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
     return JSONResponse(status_code=status_code, content=body, headers=headers)
 
 
@@ -214,6 +229,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
 
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception class to the envelope, once, for the whole app."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -30,6 +30,7 @@ class _MemoryCollector:
     def collect(self):
         report = self._engine.memory()
         labels = ["model_name", "gpu"]
+        used = GaugeMetricFamily("shizhen:gpu_memory_used_bytes", "GPU memory in use on the device", labels=labels)
         allocated = GaugeMetricFamily("shizhen:gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=labels)
         reserved = GaugeMetricFamily(
             "shizhen:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator", labels=labels
@@ -37,12 +38,19 @@ class _MemoryCollector:
         total = GaugeMetricFamily("shizhen:gpu_memory_total_bytes", "GPU memory of the device", labels=labels)
         for gpu in report["gpus"]:
             key = [self._model_name, str(gpu["index"])]
-            allocated.add_metric(key, gpu["allocated_bytes"])
-            reserved.add_metric(key, gpu["reserved_bytes"])
+            used.add_metric(key, gpu["used_bytes"])
             total.add_metric(key, gpu["total_bytes"])
-        rss = GaugeMetricFamily("shizhen:process_resident_memory_bytes", "Resident memory", labels=["model_name"])
-        rss.add_metric([self._model_name], report["process_rss_bytes"])
-        return [allocated, reserved, total, rss]
+            # Allocator figures exist only where the model lives in this process (the transformers engine).
+            if "allocated_bytes" in gpu:
+                allocated.add_metric(key, gpu["allocated_bytes"])
+                reserved.add_metric(key, gpu["reserved_bytes"])
+        rss = GaugeMetricFamily(
+            "shizhen:process_resident_memory_bytes",
+            "Resident memory of the server and its engine processes",
+            labels=["model_name"],
+        )
+        rss.add_metric([self._model_name], report["process_rss_bytes"] + report.get("engine_core_rss_bytes", 0))
+        return [used, allocated, reserved, total, rss]
 
 
 class Metrics:

@@ -11,14 +11,15 @@ import os
 import resource
 
 
-def process_rss_bytes() -> int:
-    """Resident memory of this process right now (Linux), or its peak where /proc is absent."""
+def process_rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of this process (or of process `pid`) right now (Linux); this process's peak where
+    /proc is absent, 0 for another process that is gone."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
             resident_pages = int(statm.read().split()[1])
         return resident_pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if pid == "self" else 0
 
 
 def _libc():

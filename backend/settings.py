@@ -7,9 +7,10 @@ Every setting is listed and explained in `.env.example`. Names are case-insensit
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +45,24 @@ class Settings(BaseSettings):
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="dummy: random weights made on the device (measure an architecture without its weights)"
     )
+
+    # --- engine ---
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when installed and it supports the checkpoint's architecture"
+    )
+    gpu_memory_utilization: float = Field(
+        0.92, gt=0, le=1, description="vLLM: share of each GPU's memory for weights, activations and KV cache"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across")
+    enable_prefix_caching: bool = Field(True, description="vLLM: reuse the KV cache of a prompt's shared start")
+    speculative_config: Annotated[dict[str, Any] | None, NoDecode] = Field(
+        None, description='vLLM: speculative decoding as vLLM takes it, JSON ({"method": "ngram", ...})'
+    )
+    enforce_eager: bool = Field(
+        False, description="vLLM: skip graph compilation and capture (starts much sooner, decodes slower)"
+    )
+    cpu_kv_cache_gib: float = Field(4.0, gt=0, description="vLLM on CPU: memory for the KV cache (GiB)")
+    warmup: bool = Field(False, description="run one short generation after loading, before /ping says ready")
 
     # --- server ---
     host: str = Field("127.0.0.1", min_length=1)
@@ -102,7 +121,13 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "model_revision", "served_model_name", "hf_home", "max_model_len", "port_health", "runpod_pod_id", mode="before"
+        "model_revision",
+        "served_model_name",
+        "hf_home",
+        "max_model_len",
+        "port_health",
+        "runpod_pod_id",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value):
@@ -117,6 +142,21 @@ class Settings(BaseSettings):
         """Lists are comma-separated (`CORS_ORIGINS=*`, `IMAGE_URL_ALLOWED_DOMAINS=a.com,b.org`)."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _parse_json_object(cls, value):
+        """SPECULATIVE_CONFIG is JSON, as `vllm serve --speculative-config` takes it."""
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f'must be a JSON object such as {{"method": "ngram", ...}}: {exc}') from exc
+            if not isinstance(value, dict):
+                raise ValueError('must be a JSON object such as {"method": "ngram", ...}')
         return value
 
     @field_validator("image_url_allowed_domains")

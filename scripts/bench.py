@@ -3,6 +3,7 @@
     python scripts/bench.py                              # our server on the bench checkpoint, 1/8/32 clients
     python scripts/bench.py --vs-transformers-serve --raw
     python scripts/bench.py --url http://host:8000 --model NAME   # any running endpoint
+    python scripts/bench.py --vs-vllm --loads text,mixed           # vllm serve vs ours on vLLM and transformers
 
 Each client sends a request, waits for the whole (streamed) answer, and sends the next one, for `--duration`
 seconds per concurrency level. Requests are text, and every `--image-every`-th one carries a photo. Per level
@@ -11,6 +12,13 @@ it reports requests/s, output tokens/s, p50/p95 latency, p50/p95 time to first t
 `--vs-transformers-serve` starts `transformers serve` on the same checkpoint and runs the same load against it,
 alternating with ours level by level, and prints ratios. `--raw` measures plain `model.generate` at batch 1
 and at the largest concurrency: the ceiling of this stack. The table goes to stdout, everything to `--json`.
+
+`--vs-vllm` starts `vllm serve` (from `--vllm-python`'s environment, .venv-vllm), ours with ENGINE=vllm (same
+environment) and ours with ENGINE=transformers (this interpreter) on the same checkpoint, with the same engine
+options, and runs each `--loads` (text only, and mixed: every 4th request with a photo) against all three, the
+order rotating level by level; it prints ours / vllm serve ratios and whether the target holds (see
+scripts/bench_vs_vllm.py). `--enforce-eager` skips vLLM's compilation on both (quick runs only: not what
+`vllm serve` does by default).
 Only loopback addresses are started here; the load stops by itself after each level.
 """
 
@@ -21,8 +29,6 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +40,18 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `--raw` loads the checkpoint with the server's own choice of model class
+sys.path.insert(0, str(ROOT / "scripts"))  # its helper modules, however this file was loaded
+
+import bench_vs_vllm as vs
+from bench_servers import (
+    SERVED_NAME,
+    Server,
+    VllmSetup,
+    process_tree_rss_mib,
+    start_ours,
+    start_transformers_serve,
+)
+
 PROMPTS = [
     "请介绍舌诊的基本方法。",
     "舌质淡红，舌苔薄白，脉缓，这是什么体质？",
@@ -146,12 +164,12 @@ async def one_request(client: httpx.AsyncClient, body: dict, with_image: bool) -
                     ttft = time.perf_counter() - started
                 if '"content":"' in line:
                     chunks += 1
-                if '"usage"' in line or '"error"' in line:
+                if '"usage":{' in line or '"usage": {' in line or '"error"' in line:  # not `"usage":null`
                     event = json.loads(line[6:])
                     if "error" in event:
                         raise RuntimeError(f"error event: {event['error']}")
                     tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
-    except Exception as exc:  # counted as an error of this level; the run goes on
+    except Exception as exc:  # noqa: BLE001 - counted as an error of this level; the run goes on
         return Sample(time.perf_counter() - started, ttft, 0, False, with_image), str(exc)
     return Sample(time.perf_counter() - started, ttft, tokens or chunks, True, with_image), None
 
@@ -162,19 +180,28 @@ async def server_state(client: httpx.AsyncClient) -> tuple[float | None, dict]:
         health = (await client.get("/health")).json()
     except (httpx.HTTPError, ValueError):
         return None, {}
-    rss = (health.get("memory") or {}).get("process_rss_bytes")
+    if not isinstance(health, dict):
+        return None, {}
+    memory = health.get("memory") or {}
+    rss = (memory.get("process_rss_bytes") or 0) + (memory.get("engine_core_rss_bytes") or 0)  # vLLM: its core too
     return (round(rss / 2**20, 1) if rss else None), health.get("scheduler") or {}
 
 
-async def run_level(name: str, url: str, load: Load, concurrency: int, duration: float) -> LevelResult:
-    """`concurrency` closed-loop clients for `duration` seconds."""
+async def run_level(
+    name: str, url: str, load: Load, concurrency: int, duration: float, pid: int | None = None
+) -> LevelResult:
+    """`concurrency` closed-loop clients for `duration` seconds. With the server's `pid`, its RSS is that of
+    its whole process tree (every server alike); without, what our /health reports."""
     samples: list[Sample] = []
     errors: list[str] = []
     counter = iter(range(10**9))
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
         await one_request(client, *load.request(0))  # warm-up, not counted
+        if load.image_every:
+            await one_request(client, *load.request(load.image_every - 1))  # ... and one with the photo
         rss_before, counters_before = await server_state(client)
+        rss_before_tree = process_tree_rss_mib(pid) if pid is not None else None
         deadline = time.perf_counter() + duration
         started = time.perf_counter()
 
@@ -188,6 +215,8 @@ async def run_level(name: str, url: str, load: Load, concurrency: int, duration:
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         rss_after, counters_after = await server_state(client)
+    if pid is not None:
+        rss_before, rss_after = rss_before_tree, process_tree_rss_mib(pid)
     good = [sample for sample in samples if sample.ok]
     tokens = sum(sample.tokens for sample in good)
     return LevelResult(
@@ -222,74 +251,6 @@ def scheduler_shares(before: dict, after: dict, elapsed: float) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """A server process on a loopback port, stopped when the run ends."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
-        self.name, self.url = name, f"http://127.0.0.1:{port}"
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        self.log_path = log
-
-    def wait_ready(self, probe: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
-            try:
-                if httpx.get(self.url + probe, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not become ready; see {self.log_path}")
-
-    def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-        self._log.close()
-
-
-def start_ours(checkpoint: Path, max_batch_size: int, log_dir: Path) -> Server:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": str(checkpoint),
-        "SERVED_MODEL_NAME": "bench",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "HF_HUB_OFFLINE": "1",
-        "LOG_LEVEL": "warning",
-        "MAX_BATCH_SIZE": str(max_batch_size),
-    }
-    server = Server("ours", [sys.executable, "-m", "backend"], env, port, log_dir / "ours.log")
-    server.wait_ready("/health")
-    return server
-
-
-def start_transformers_serve(checkpoint: Path, binary: str, continuous: bool, log_dir: Path) -> Server:
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [binary, "serve", str(checkpoint), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"]
-    if continuous:
-        command.append("--continuous-batching")
-    name = "transformers serve" + (" --continuous-batching" if continuous else "")
-    server = Server(
-        name, command, env, port, log_dir / ("transformers-serve-cb.log" if continuous else "transformers-serve.log")
-    )
-    server.wait_ready("/health")
-    return server
-
-
 def raw_generate(checkpoint: Path, batch_sizes: list[int], max_tokens: int) -> list[dict]:
     """Tokens/s of plain `model.generate` (greedy, exactly `max_tokens` new tokens, left padding)."""
     import torch
@@ -310,14 +271,14 @@ def raw_generate(checkpoint: Path, batch_sizes: list[int], max_tokens: int) -> l
             for i in range(batch)
         ]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        options = dict(
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        options = {
+            "max_new_tokens": max_tokens,
+            "min_new_tokens": max_tokens,
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+        }
         timings = []
         with torch.inference_mode():
             model.generate(**inputs, **{**options, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
@@ -368,15 +329,15 @@ def print_table(results: list[LevelResult], raw: list[dict]) -> None:
                 print(
                     f"  vs {peer:<38} {result.concurrency:>3} clients: tok/s {mine.tokens_per_second / result.tokens_per_second:.2f}x{latency}"
                 )
+    print_raw(raw, ours)
+
+
+def print_raw(raw: list[dict], ours: dict[int, LevelResult]) -> None:
     for entry in raw:
         mine = ours.get(entry["batch"])
+        share = f"; ours at {entry['batch']} clients = {mine.tokens_per_second / entry['tokens_per_second']:.2f}x"
         print(
-            f"  raw generate, batch {entry['batch']:>3}: {entry['tokens_per_second']:.1f} tok/s"
-            + (
-                f"; ours at {entry['batch']} clients = {mine.tokens_per_second / entry['tokens_per_second']:.2f}x"
-                if mine
-                else ""
-            )
+            f"  raw generate, batch {entry['batch']:>3}: {entry['tokens_per_second']:.1f} tok/s{share if mine else ''}"
         )
 
 
@@ -392,9 +353,11 @@ def ensure_checkpoint(path: Path, size: str) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="benchmark this running endpoint instead of starting our server")
-    parser.add_argument("--model", default="bench", help="model name to send (with --url)")
+    parser.add_argument("--model", default=SERVED_NAME, help="model name to send (with --url)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the bench checkpoint)")
-    parser.add_argument("--size", default="bench", choices=["tiny", "bench"], help="size of the made checkpoint")
+    parser.add_argument(
+        "--size", default="bench", choices=["tiny", "small", "bench"], help="size of the made checkpoint"
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per level and server")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
@@ -407,58 +370,105 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=str(Path(sys.executable).with_name("transformers")),
         help="the `transformers` CLI to start (it needs torchvision for Qwen2.5-VL)",
     )
+    vs.add_arguments(parser, default_vllm_python=ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--raw", action="store_true", help="measure plain model.generate too")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results.json", help="where to write all results")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench-logs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.levels = [int(level) for level in args.concurrency.split(",")]
+        if not args.levels or min(args.levels) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--concurrency takes comma-separated positive client counts; got {args.concurrency!r}")
+    if args.vs_vllm and (args.url or args.vs_transformers_serve):
+        parser.error("--vs-vllm starts its own servers: not with --url or --vs-transformers-serve")
+    try:
+        args.load_names = vs.parse_loads(args.loads)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def report(result: LevelResult, load: str = "") -> None:
+    """One line as each run ends (the table comes at the end)."""
+    print(
+        f"{load + ' ' if load else ''}{result.server:<40} {result.concurrency:>3} clients: "
+        f"{result.tokens_per_second:8.1f} tok/s, {result.errors} errors",
+        flush=True,
+    )
+
+
+async def run_vs_vllm(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """`--vs-vllm`: the three servers, every load against them (see scripts/bench_vs_vllm.py)."""
+    if not Path(args.vllm_python).exists():
+        raise SystemExit(f"{args.vllm_python} not found: build it with `bash scripts/bootstrap_vllm.sh`")
+    setup = VllmSetup(
+        checkpoint,
+        args.log_dir,
+        vllm_python=args.vllm_python,
+        transformers_python=sys.executable,
+        max_num_seqs=max(args.levels),
+        kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        start_timeout=args.start_timeout,
+        dtype=args.vllm_dtype,
+    )
+    loads = {name: Load(SERVED_NAME, args.max_tokens, vs.LOADS[name], args.ignore_eos) for name in args.load_names}
+
+    async def measure(server: Server, load: str, level: int) -> LevelResult:
+        result = await run_level(server.name, server.url, loads[load], level, args.duration, server.pid)
+        report(result, load)
+        return result
+
+    return await vs.run_vs_vllm(setup, args.load_names, args.levels, measure)
 
 
 async def run(args: argparse.Namespace) -> int:
-    levels = [int(level) for level in args.concurrency.split(",")]
+    levels = args.levels
     checkpoint = args.checkpoint or ensure_checkpoint(ROOT / ".cache" / f"{args.size}-vl", args.size)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_generate(checkpoint, sorted({1, max(levels)}), args.max_tokens) if args.raw else []
+    if args.vs_vllm:
+        output = await run_vs_vllm(args, checkpoint)
+        print_raw(raw, {})
+        write_json(args, {**output, "raw_generate": raw})
+        return 0
 
     servers: list[Server] = []
-    targets: list[tuple[str, str, str]] = []  # (name, url, model)
+    targets: list[tuple[str, str, str, int | None]] = []  # (name, url, model, pid)
     try:
         if args.url:
-            targets.append(("ours", args.url, args.model))
+            targets.append(("ours", args.url, args.model, None))
         else:
             servers.append(start_ours(checkpoint, max(levels), args.log_dir))
-            targets.append(("ours", servers[-1].url, "bench"))
+            targets.append(("ours", servers[-1].url, SERVED_NAME, servers[-1].pid))
         if args.vs_transformers_serve:
             modes = [False, True] if args.continuous_batching else [False]
             for continuous in modes:
                 servers.append(start_transformers_serve(checkpoint, args.transformers_bin, continuous, args.log_dir))
-                targets.append((servers[-1].name, servers[-1].url, str(checkpoint)))
+                targets.append((servers[-1].name, servers[-1].url, str(checkpoint), servers[-1].pid))
         results: list[LevelResult] = []
         for round_index, level in enumerate(levels):
-            order = targets if round_index % 2 == 0 else list(reversed(targets))  # alternate who goes first
-            for name, url, model in order:
+            by_name = {target[0]: target for target in targets}
+            for name in vs.level_order(list(by_name), round_index):  # rotate who goes first
+                _, url, model, pid = by_name[name]
                 load = Load(model, args.max_tokens, args.image_every, args.ignore_eos)
-                result = await run_level(name, url, load, level, args.duration)
-                results.append(result)
-                print(
-                    f"{name:<40} {level:>3} clients: {result.tokens_per_second:8.1f} tok/s, {result.errors} errors",
-                    flush=True,
-                )
+                results.append(await run_level(name, url, load, level, args.duration, pid))
+                report(results[-1])
     finally:
         for server in servers:
             server.stop()
     print_table(results, raw)
-    args.json.write_text(
-        json.dumps(
-            {
-                "levels": [asdict(r) for r in results],
-                "raw_generate": raw,
-                "args": {k: str(v) for k, v in vars(args).items()},
-            },
-            indent=2,
-        )
-    )
-    print(f"\nresults written to {args.json}")
+    write_json(args, {"levels": [asdict(r) for r in results], "raw_generate": raw})
     return 0
+
+
+def write_json(args: argparse.Namespace, output: dict) -> None:
+    arguments = {k: str(v) for k, v in vars(args).items()}
+    args.json.write_text(json.dumps({**output, "args": arguments}, indent=2))
+    print(f"\nresults written to {args.json}")
 
 
 def main(argv: list[str] | None = None) -> int:

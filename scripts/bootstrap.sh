@@ -36,7 +36,7 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 # Marker files named after the requirements' digest: nothing to do when they have not changed.
-digest="$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -c1-16)"
+digest="$(cat "$root/requirements-server.txt" "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -c1-16)"
 dev_marker="$venv/.installed-dev-$digest"
 marker="$venv/.installed-$digest"
 if [[ -f "$dev_marker" || ( "${requirements[0]}" == "$root/requirements.txt" && -f "$marker" ) ]]; then

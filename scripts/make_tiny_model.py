@@ -7,7 +7,7 @@ Qwen2.5-VL special token, a Qwen2.5-VL chat template and a Qwen2-VL image proces
 dimensions, so `from_pretrained(DIR)` loads it through exactly the code path that loads the real model.
 
 Usage:
-    python scripts/make_tiny_model.py --out DIR [--size tiny|bench] [--text-only]
+    python scripts/make_tiny_model.py --out DIR [--size tiny|small|bench] [--text-only]
     python scripts/make_tiny_model.py --out DIR --size full   # the 32B-VL architecture, no weights
 
 The same arguments write the same bytes on every run (fixed seed, fixed corpus, no timestamps).
@@ -127,7 +127,7 @@ The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } , 
 
 @dataclass(frozen=True)
 class Dimensions:
-    """The sizes of one checkpoint flavour: `tiny` for tests, `bench` for CPU benchmarks."""
+    """The sizes of one checkpoint flavour: `tiny` for tests, `small` for vLLM tests, `bench` for benchmarks."""
 
     vocab_merges: int
     hidden_size: int
@@ -154,6 +154,20 @@ SIZES = {
         vision_hidden_size=32,
         vision_intermediate_size=64,
         vision_num_heads=2,
+    ),
+    # The tiny model with vLLM's smallest attention head (64; its CPU kernels refuse 16): the vLLM engine's
+    # end-to-end tests run on it, and vLLM starts on it in well under a minute.
+    "small": Dimensions(
+        vocab_merges=1500,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vision_depth=2,
+        vision_hidden_size=64,
+        vision_intermediate_size=128,
+        vision_num_heads=1,
     ),
     # Tens of millions of parameters: on CPU the matrix arithmetic dominates a decode step, as it does on a
     # GPU with the real model, so batching and scheduling effects show in benchmarks.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Manage the ShizhenGPT pod on RunPod from your laptop, over RunPod's REST v2 API.
 
-    python scripts/runpod.py create [--gpu ID ...] [--cloud SECURE|COMMUNITY] [--volume GB] [--wait]
+    python scripts/runpod.py create [--gpu ID ...] [--gpu-count N] [--engine auto|transformers|vllm]
+                                    [--cloud SECURE|COMMUNITY] [--volume GB] [--wait]
     python scripts/runpod.py status [POD_ID]      a table: id, name, status, GPU, $/h, uptime, URL
     python scripts/runpod.py wait POD_ID          until /health answers "ready" through the proxy
     python scripts/runpod.py stop|start POD_ID
@@ -200,6 +201,27 @@ class RemovedSecretOption(argparse.Action):
                      f".env instead{self.hint}.")
 
 
+def engine_settings(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
+    """The pod's ENGINE and TENSOR_PARALLEL_SIZE for `--engine` and `--gpu-count`, and a line to tell the user.
+
+    Several GPUs are worth paying for only if the model is split across them so that they work at once, which
+    is vLLM's tensor parallelism: the transformers engine has none. So `--gpu-count N` (N > 1) means vLLM
+    with TENSOR_PARALLEL_SIZE=N, unless `--engine transformers` asks otherwise (it spreads the layers over the
+    GPUs, which then work one after another). One GPU: ENGINE as given, else unset (the server's `auto`).
+    """
+    count = args.gpu_count
+    if count <= 1:
+        return ({"ENGINE": args.engine} if args.engine else {}), None
+    if args.engine == "transformers":
+        return {"ENGINE": "transformers"}, (
+            f"--gpu-count {count} with --engine transformers: the layers are spread over the {count} GPUs, which "
+            "work one after another (the transformers engine has no tensor parallelism); --engine vllm uses them "
+            "together.")
+    return {"ENGINE": "vllm", "TENSOR_PARALLEL_SIZE": str(count)}, (
+        f"--gpu-count {count}: ENGINE=vllm with TENSOR_PARALLEL_SIZE={count}, the model split across the {count} "
+        "GPUs (the transformers engine cannot do tensor parallelism).")
+
+
 def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: str,
                 hf_token: str = "") -> dict[str, Any]:
     """The body of `POST /pods` for one GPU type."""
@@ -212,6 +234,7 @@ def pod_request(args: argparse.Namespace, gpu_id: str, server_key: str, repo: st
         "SHIZHEN_REPO": repo,
         "SHIZHEN_REF": args.ref,
         "SHIZHEN_DIR": CODE_DIR,
+        **engine_settings(args)[0],
     }
     if hf_token:
         env["HF_TOKEN"] = hf_token
@@ -243,6 +266,9 @@ def cmd_create(client: RunPodClient, args: argparse.Namespace) -> int:
     server_key, generated = choose_server_key(args, client.plan)
     args.server_key = server_key  # for `--wait`, which reads /health's details with it
     hf_token = choose_hf_token(args, client.plan)
+    note = engine_settings(args)[1]
+    if note:
+        print(note, file=sys.stderr)  # stderr: stdout stays the plan's requests, or the pod's details
     gpus = args.gpu or GPU_PREFERENCE
     for index, gpu_id in enumerate(gpus):
         if client.plan and index:
@@ -428,6 +454,17 @@ def cmd_cost(client: RunPodClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def gpu_count(text: str) -> int:
+    """`--gpu-count`: a whole number of GPUs, at least 1 (refused here rather than by RunPod after a request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GPUs (1, 2, 4 ...)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per action, `--plan` accepted before or after it."""
     common = argparse.ArgumentParser(add_help=False)
@@ -436,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizing = argparse.ArgumentParser(add_help=False)
     sizing.add_argument("--gpu", action="append", metavar="ID",
                         help=f"GPU type id, in order of preference (repeat; default: {', '.join(GPU_PREFERENCE)})")
-    sizing.add_argument("--gpu-count", type=int, default=1)
+    sizing.add_argument("--gpu-count", type=gpu_count, default=1, metavar="N",
+                        help="GPUs per pod (default 1); create: N > 1 serves on vLLM with TENSOR_PARALLEL_SIZE=N")
     sizing.add_argument("--cloud", choices=["SECURE", "COMMUNITY"], default="SECURE")
     sizing.add_argument("--volume", type=int, default=100, metavar="GB",
                         help="persistent volume at /workspace (model cache, venv, code; default 100)")
@@ -454,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--repo", help="git URL of this server for the pod to clone (default: SHIZHEN_REPO, else "
                         "origin unless it carries a token); a token in it ends up in the pod's env and .git/config")
     create.add_argument("--ref", default="main", help="branch or tag to clone (default main)")
+    create.add_argument("--engine", choices=["auto", "transformers", "vllm"],
+                        help="the pod's ENGINE (default: vllm with --gpu-count > 1, else unset, i.e. auto)")
     create.add_argument("--ask-hf-token", action="store_true",
                         help="read HF_TOKEN (gated models) at a hidden prompt, or from stdin when piped "
                              "(default: HF_TOKEN from env/.env)")

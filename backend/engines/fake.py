@@ -57,7 +57,7 @@ class FakeEngine(EngineClient):
         load_seconds: float = 0.0,
         load_error: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__("tiny")
         self._reply = reply
         self._model = ServedModel(max_model_len=max_model_len, accepts_images=accepts_images)
         self._max_running = max_running
@@ -95,17 +95,11 @@ class FakeEngine(EngineClient):
     @property
     def model(self) -> ServedModel | None:
         """The fake model's facts once 'loaded'."""
-        return self._model if self.state == "ready" else None
-
-    def unavailable(self) -> ModelNotReadyError:
-        """Loading, or the scripted load error."""
-        if self.state == "loading":
-            return ModelNotReadyError("The model is still loading; retry in a moment.", code="model_loading")
-        return ModelNotReadyError(f"The model failed to load: {self.error}", code="model_load_failed")
+        return self._model if self._state == "ready" else None
 
     async def prepare(self, turns: list[ChatTurn], bounds: PixelBounds | None = None) -> FakePrompt:
         """The turns' texts joined; images counted with the real resize rule."""
-        self.require_ready()
+        self.require_loaded()
         bounds = bounds or PixelBounds(56 * 56, 360 * 420)
         texts, counts, sizes = [], [], []
         for turn in turns:
@@ -122,7 +116,7 @@ class FakeEngine(EngineClient):
 
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: FakePrompt) -> list[GenerationStream]:
         """Start one scripted answer per choice, all or none within `max_running`."""
-        self.require_ready()
+        self.require_loaded()
         if self._stopping:
             raise ModelNotReadyError("The server is shutting down.", code="shutting_down")
         if self._running + len(choices) > self._max_running:

@@ -16,6 +16,7 @@ class HealthResponse(BaseModel):
     status: Literal["loading", "ready", "error"]
     error: str | None = None
     engine: str | None = None  # which engine serves: transformers, vllm
+    engine_reason: str | None = None  # why: ENGINE as set, or what ENGINE=auto found
     model_id: str
     revision: str | None = None
     resolved_revision: str | None = None
@@ -28,6 +29,7 @@ class HealthResponse(BaseModel):
     max_model_len: int | None = None
     memory: dict[str, Any]
     load_seconds: float | None = None
+    kv_cache: dict[str, Any] | None = None  # vLLM: blocks, block size, capacity in tokens, usage, prefix hits
     uptime_seconds: float
     generation: dict[str, Any] | None = None  # counters: finished by reason, failed, generated tokens
     scheduler: dict[str, int] | None = None  # running, waiting, peaks, limits, and the engine's own counters

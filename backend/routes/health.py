@@ -27,22 +27,23 @@ async def health(engine: EngineDep, settings: SettingsDep, request: Request) -> 
         return JSONResponse({"status": engine.state}, status_code=status)
     report = engine.report()
     model = engine.model
-    body = HealthResponse(
-        status=engine.state,
-        error=engine.error,
-        engine=report.engine,
-        model_id=settings.model_id,
-        revision=settings.model_revision,
-        resolved_revision=model.resolved_revision if model is not None else None,
-        served_model_name=settings.model_name,
-        accepts_images=model.accepts_images if model is not None else None,
-        max_model_len=model.max_model_len if model is not None else None,
-        memory=report.memory,
-        uptime_seconds=round(time.time() - engine.started_at, 3),
-        generation=asdict(report.generation),
-        scheduler=report.queue or None,
-        **report.details,
-    )
+    common = {
+        "status": engine.state,
+        "error": engine.error,
+        "engine": report.engine,
+        "model_id": settings.model_id,
+        "revision": settings.model_revision,
+        "resolved_revision": model.resolved_revision if model is not None else None,
+        "served_model_name": settings.model_name,
+        "accepts_images": model.accepts_images if model is not None else None,
+        "max_model_len": model.max_model_len if model is not None else None,
+        "memory": report.memory,
+        "uptime_seconds": round(time.time() - engine.started_at, 3),
+        "generation": asdict(report.generation),
+        "scheduler": report.queue or None,
+    }
+    # The engine's own facts (dtype, KV cache, ...) sit beside the common fields, which win a clash.
+    body = HealthResponse(**{**report.details, **common})
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
 

@@ -13,6 +13,7 @@ from backend.app import create_app
 from backend.engines.fake import FakeEngine
 from backend.engines.requests import ChatTurn, SamplingParams
 from backend.errors import ModelNotReadyError
+from backend.media.resize import PixelBounds, image_token_count, smart_resize
 from tests.conftest import ROOT, make_settings
 from tests.helpers import parse_sse
 
@@ -109,3 +110,37 @@ async def test_cancelled_before_it_ran_is_still_an_abort_and_shutdown_refuses_ne
     assert (await running.collect()).finish.finish_reason == "abort"
     with pytest.raises(ModelNotReadyError):
         engine.generate("late", prompt, params)
+
+
+async def test_warmup_runs_one_generation_with_an_image_before_ping_says_ready(tmp_path):
+    """WARMUP=1: after the load, /ping stays 204 and requests get 503 `model_loading` until one short
+    generation (with an image, the model reading images) has run; then 200."""
+    engine = FakeEngine(reply=lambda text: "热身", seconds_per_token=0.05)
+    app = create_app(make_settings(tmp_path, warmup=True), engine)
+    async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=10)
+        await engine.wait_until_loaded()
+        assert (await client.get("/ping")).status_code == 204
+        refused = await client.post(CHAT, json=chat())
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_loading"
+        assert (await client.get("/health")).json()["status"] == "loading"
+        for _ in range(200):
+            if (await client.get("/ping")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert (await client.get("/ping")).status_code == 200
+        [warm_up] = engine.prompts
+        bounds = PixelBounds(app.state.settings.min_pixels, app.state.settings.max_pixels)
+        assert warm_up.image_token_counts == [image_token_count(*smart_resize(360, 420, bounds))]
+        assert engine.stats.finished["length"] == 1
+        assert (await client.post(CHAT, json=chat())).status_code == 200
+
+
+async def test_a_failed_load_ends_the_warm_up_and_reports_the_failure(tmp_path):
+    engine = FakeEngine(load_error="no weights")
+    app = create_app(make_settings(tmp_path, warmup=True), engine)
+    async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=10)
+        await engine.wait_until_loaded()
+        await asyncio.sleep(0.05)
+        assert not engine.warming and (await client.get("/ping")).status_code == 503

@@ -94,7 +94,7 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
-def _start(model_dir: Path, log_dir: Path, cwd: Path, health: str | None, settings: dict[str, str]):
+def _start(model_dir: Path, log_dir: Path, cwd: Path, health: str | None, settings: dict[str, str], python: str):
     """Start one server and wait until its log proves it listens on its port(s). Returns the server, or None
     when another process had bound a port first (the caller tries again with other ports)."""
     chosen = "PORT" not in settings
@@ -118,7 +118,7 @@ def _start(model_dir: Path, log_dir: Path, cwd: Path, health: str | None, settin
     if health_port is not None:
         env["PORT_HEALTH"] = str(health_port)
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "backend"], cwd=cwd, env=env, stdout=log, stderr=log)
+        process = subprocess.Popen([python, "-m", "backend"], cwd=cwd, env=env, stdout=log, stderr=log)
     server = RunningServer(f"http://127.0.0.1:{port}", port, process, log_path, health_port=health_port)
     lines = [listening_line(port)] + ([listening_line(health_port)] if health == "own" else [])
     deadline = time.monotonic() + 120
@@ -138,9 +138,9 @@ def _start(model_dir: Path, log_dir: Path, cwd: Path, health: str | None, settin
     return server
 
 
-def _wait_for_state(server: RunningServer, wait_for: str) -> None:
+def _wait_for_state(server: RunningServer, wait_for: str, timeout: float) -> None:
     """Wait until /health reports `wait_for` (`ready`, or `error` for a server whose model fails to load)."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         if server.process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"server did not become {wait_for}:\n{server.log()}")
@@ -160,21 +160,24 @@ def running_server(
     cwd: Path = ROOT,
     health: str | None = None,
     wait_for: str = "ready",
+    python: str = sys.executable,
+    load_timeout: float = 120,
     **settings: str,
 ):
     """Start a server with the given settings (environment variables) in `cwd`, and stop it afterwards.
 
     The port is chosen here unless PORT is given. `health="own"` adds PORT_HEALTH on a port of its own,
     `health="same"` sets PORT_HEALTH to PORT. `wait_for="error"` waits for a model that fails to load.
+    `python` runs the server (the vLLM engine's lives in .venv-vllm); the load may take `load_timeout` s.
     """
     for _ in range(START_ATTEMPTS):
-        server = _start(model_dir, log_dir, cwd, health, settings)
+        server = _start(model_dir, log_dir, cwd, health, settings, python)
         if server is not None:
             break
     else:
         pytest.fail(f"another process took the chosen port {START_ATTEMPTS} times in a row")
     try:
-        _wait_for_state(server, wait_for)
+        _wait_for_state(server, wait_for, load_timeout)
         yield server
     finally:
         _stop(server.process)

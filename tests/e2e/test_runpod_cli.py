@@ -110,6 +110,30 @@ def test_create_falls_back_to_the_next_gpu_when_one_has_no_capacity(fake, cli):
     assert key.startswith("sk-") and len(key) > 40 and result.stdout.count(key) == 1
 
 
+def test_create_with_several_gpus_serves_on_vllm_with_tensor_parallelism(fake, cli):
+    result = cli("create", "--repo", REPO, "--gpu", SXM, "--gpu-count", "2")
+    assert result.returncode == 0, result.stderr
+    body = fake.api_calls("POST", "/v2/pods")[-1].body
+    assert body["gpu"] == {"id": SXM, "count": 2}
+    assert body["env"]["ENGINE"] == "vllm" and body["env"]["TENSOR_PARALLEL_SIZE"] == "2"
+    assert "--gpu-count 2: ENGINE=vllm with TENSOR_PARALLEL_SIZE=2" in result.stderr
+    assert "cost: $3.48/h" in result.stdout  # two GPUs' price
+
+    layers = cli("create", "--repo", REPO, "--gpu", SXM, "--gpu-count", "2", "--engine", "transformers")
+    assert layers.returncode == 0, layers.stderr
+    env = fake.api_calls("POST", "/v2/pods")[-1].body["env"]
+    assert env["ENGINE"] == "transformers" and "TENSOR_PARALLEL_SIZE" not in env
+    assert "no tensor parallelism" in layers.stderr
+    single = cli("create", "--repo", REPO, "--gpu", SXM, "--engine", "vllm")
+    assert single.returncode == 0 and "ENGINE=vllm" not in single.stderr
+    assert fake.api_calls("POST", "/v2/pods")[-1].body["env"]["ENGINE"] == "vllm"
+
+    posts = len(fake.api_calls("POST", "/v2/pods"))
+    refused = cli("create", "--repo", REPO, "--gpu-count", "0")
+    assert refused.returncode == 2 and "is not a number of GPUs" in refused.stderr
+    assert len(fake.api_calls("POST", "/v2/pods")) == posts  # refused before any request
+
+
 def test_create_reports_no_capacity_anywhere_with_what_to_do(fake, cli):
     fake.no_capacity |= {(SXM, "SECURE"), (H100, "SECURE")}
     result = cli("create", "--repo", REPO)

@@ -4,7 +4,7 @@ longer than the context is refused after tokenising about a context's worth of i
 import pytest
 from PIL import Image
 
-import backend.engines.transformers_engine.prompt as prompt_module
+import backend.engines.chat_prompt as prompt_module
 from backend.engines.transformers_engine.prompt import ChatTurn, PromptBuilder
 from backend.errors import InvalidRequestError
 from backend.media.resize import PixelBounds
@@ -87,8 +87,8 @@ class CountingTokenizer:
 
 def test_a_prompt_far_beyond_the_context_is_refused_early(vl):
     prompt_builder = builder(vl, max_prompt_tokens=1000)
-    counter = CountingTokenizer(prompt_builder._text_tokenizer)
-    prompt_builder._text_tokenizer = counter
+    counter = CountingTokenizer(prompt_builder.renderer._text_tokenizer)
+    prompt_builder.renderer._text_tokenizer = counter
     huge = "中医 舌诊 " * 1_000_000  # 6 million characters
     with pytest.raises(InvalidRequestError) as refused:
         prompt_builder.build([ChatTurn("user", [huge])], BOUNDS)
@@ -102,7 +102,7 @@ def test_long_text_cut_in_pieces_keeps_its_tokens(vl, monkeypatch, piece_chars):
     monkeypatch.setattr(prompt_module, "_TEXT_PIECE_CHARS", piece_chars)
     long_text = "脾胃虚弱者，宜健脾益气。 The spleen and stomach. Qi deficiency " * 300
     whole = vl.tokenizer(long_text, add_special_tokens=False)["input_ids"]
-    [pieced] = builder(vl)._tokenize_texts([long_text])
+    [pieced] = builder(vl).renderer._tokenize_texts([long_text])
     assert pieced == whole
 
 

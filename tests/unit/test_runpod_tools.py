@@ -141,3 +141,29 @@ def test_an_answer_that_is_not_json_is_explained():
     client._http = httpx.Client(transport=httpx.MockTransport(html_page))
     with pytest.raises(runpod_api.RunPodError, match="not JSON: '<html>captive portal</html>'. Is RUNPOD_API_URL"):
         client.get("/pods")
+
+
+def test_several_gpus_mean_vllm_with_tensor_parallelism_unless_told_otherwise():
+    import runpod
+
+    def pod_env(*words: str) -> dict[str, str]:
+        args = runpod.build_parser().parse_args(["create", "--repo", "https://example.com/s.git", *words])
+        return runpod.pod_request(args, "NVIDIA A100-SXM4-80GB", "sk-x", args.repo)["env"]
+
+    one = pod_env()
+    assert "ENGINE" not in one and "TENSOR_PARALLEL_SIZE" not in one  # the server's own default: auto
+    assert pod_env("--engine", "vllm")["ENGINE"] == "vllm" and "TENSOR_PARALLEL_SIZE" not in pod_env("--engine", "vllm")
+    assert pod_env("--engine", "transformers")["ENGINE"] == "transformers"
+    several = (["--gpu-count", "2"], ["--gpu-count", "4", "--engine", "vllm"], ["--gpu-count", "2", "--engine", "auto"])
+    for words in several:
+        env = pod_env(*words)
+        assert env["ENGINE"] == "vllm" and env["TENSOR_PARALLEL_SIZE"] == words[1], words
+    layers = pod_env("--gpu-count", "2", "--engine", "transformers")
+    assert layers["ENGINE"] == "transformers" and "TENSOR_PARALLEL_SIZE" not in layers
+
+    args = runpod.build_parser().parse_args(["create", "--gpu-count", "2"])
+    assert "transformers engine cannot do tensor parallelism" in runpod.engine_settings(args)[1]
+    assert runpod.engine_settings(runpod.build_parser().parse_args(["create"]))[1] is None
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            runpod.build_parser().parse_args(["create", "--gpu-count", bad])

@@ -67,6 +67,7 @@ def memory_report() -> dict:
                     "name": torch.cuda.get_device_name(index),
                     "allocated_bytes": torch.cuda.memory_allocated(index),
                     "reserved_bytes": torch.cuda.memory_reserved(index),
+                    "used_bytes": total - free,  # the whole device's, as NVML reports it (other processes too)
                     "free_bytes": free,
                     "total_bytes": total,
                 }

@@ -36,11 +36,11 @@ class TransformersEngine(EngineClient):
 
     name = "transformers"
 
-    def __init__(self, settings: Settings, loader=load_model) -> None:
-        super().__init__()
+    def __init__(self, settings: Settings, loader=load_model, reason: str = "ENGINE=transformers") -> None:
+        super().__init__(settings.model_name)
         self.settings = settings
+        self.reason = reason  # why this engine was chosen (ENGINE=auto explains itself)
         self._loader = loader
-        self.error_code = "model_load_failed"  # or "engine_dead" once a loaded engine's thread has stopped
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self._prompt_builder: PromptBuilder | None = None
@@ -48,7 +48,6 @@ class TransformersEngine(EngineClient):
         self._load_done: Future[None] = Future()
         self._relay: EventRelay | None = None
         self._shutting_down = False
-        self._model: ServedModel | None = None
 
     async def start(self) -> None:
         """Start the inference thread; it loads the model (`/health` says `loading` meanwhile), then serves."""
@@ -107,24 +106,9 @@ class TransformersEngine(EngineClient):
         assert self.scheduler is not None
         self.scheduler.fail_everything(ModelNotReadyError(self.error, code=self.error_code))
 
-    @property
-    def model(self) -> ServedModel | None:
-        """The loaded model's facts, once loaded."""
-        return self._model
-
-    def unavailable(self) -> ModelNotReadyError:
-        """The 503 for a request while the engine is not ready: loading, failed to load, or stopped."""
-        if self.state == "loading":
-            return ModelNotReadyError(
-                f"The model {self.settings.model_name} is still loading; retry in a moment.", code="model_loading"
-            )
-        if self.error_code == "engine_dead":
-            return ModelNotReadyError(self.error or "The inference thread stopped.", code=self.error_code)
-        return ModelNotReadyError(f"The model failed to load: {self.error}", code="model_load_failed")
-
     async def prepare(self, turns: list[ChatTurn], bounds: PixelBounds | None = None) -> ModelInputs:
         """Template, tokenise and preprocess images in a worker thread (CPU work kept off the event loop)."""
-        self.require_ready()
+        self.require_loaded()
         assert self._prompt_builder is not None
         bounds = bounds or PixelBounds(self.settings.min_pixels, self.settings.max_pixels)
         return await to_thread.run_sync(self._prompt_builder.build, turns, bounds)
@@ -132,7 +116,7 @@ class TransformersEngine(EngineClient):
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: ModelInputs) -> list[GenerationStream]:
         """Queue one generation per (request id, sampling) on the same prompt, all or none: a 429 leaves
         nothing queued, so no choice runs for a client that was refused."""
-        self.require_ready()
+        self.require_loaded()
         assert self.scheduler is not None
         if self._relay is None:
             self._relay = EventRelay(asyncio.get_running_loop())
@@ -179,9 +163,9 @@ class TransformersEngine(EngineClient):
 
     def report(self) -> EngineReport:
         """The inference thread's queue and timings, and where the model runs."""
-        details: dict[str, Any] = {}
+        details: dict[str, Any] = {"engine_reason": self.reason}
         if (loaded := self.loaded) is not None:
-            details = {
+            details |= {
                 "dtype": str(loaded.dtype).removeprefix("torch."),
                 "device": str(loaded.device),
                 "device_map": loaded.device_map,

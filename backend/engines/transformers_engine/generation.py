@@ -54,8 +54,7 @@ class GenerationJob:
 
 def timeout_error(job: GenerationJob) -> RequestTimeoutError:
     """The 504 for a request that ran past REQUEST_TIMEOUT."""
-    limit = (job.deadline or job.submitted_at) - job.submitted_at
-    return RequestTimeoutError(f"The request took longer than {limit:g} s (REQUEST_TIMEOUT) and was stopped.")
+    return RequestTimeoutError.after((job.deadline or job.submitted_at) - job.submitted_at)
 
 
 def prompt_positions(loaded: LoadedModel, inputs: ModelInputs, device: torch.device):

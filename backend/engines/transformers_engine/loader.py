@@ -6,7 +6,6 @@ test checkpoint from a folder: the model class follows the checkpoint's config, 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,18 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoTokenizer,
-    GenerationConfig,
-)
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from backend.engines.checkpoint import (
+    ModelLoadError,
+    hub_download_options,
+    read_checkpoint,
+    read_config,
+    resolve_checkpoint,
+)
 from backend.engines.requests import GenerationDefaults
 from backend.engines.transformers_engine.devices import (
     Hardware,
@@ -38,12 +35,7 @@ from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# What serving needs from a hub repository; other formats (.bin, .pth, original/) are never fetched.
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-
-
-class ModelLoadError(Exception):
-    """The checkpoint could not be found or loaded; the message says what to do."""
+__all__ = ["LoadedModel", "ModelLoadError", "hub_download_options", "load_model", "model_class_for"]
 
 
 @dataclass
@@ -73,107 +65,6 @@ class LoadedModel:
         return self.image_processor is not None
 
 
-def hub_download_options(settings: Settings) -> dict[str, Any]:
-    """`snapshot_download` arguments for MODEL_ID: its revision, the volume's cache, only the files serving needs
-    (and no weights at all with LOAD_FORMAT=dummy)."""
-    patterns = CHECKPOINT_FILES
-    if settings.load_format == "dummy":
-        patterns = [pattern for pattern in CHECKPOINT_FILES if pattern != "*.safetensors"]
-    return {
-        "repo_id": settings.model_id,
-        "revision": settings.model_revision,
-        "cache_dir": settings.hub_cache_dir,
-        "allow_patterns": patterns,
-    }
-
-
-def resolve_checkpoint(settings: Settings) -> tuple[Path, str | None]:
-    """A local folder holding the checkpoint, and the commit it came from (None for a plain folder).
-
-    A hub id already in the cache is used with no network at all; otherwise it is downloaded into
-    `$HF_HOME/hub` (interrupted downloads resume).
-    """
-    local = Path(settings.model_id).expanduser()
-    if local.is_dir():
-        return local.resolve(), None
-    if settings.model_id.startswith((".", "/", "~")):
-        raise ModelLoadError(f"MODEL_ID={settings.model_id} looks like a folder, but no such folder exists.")
-    options = hub_download_options(settings)
-    try:
-        folder = snapshot_download(**options, local_files_only=True)
-    except LocalEntryNotFoundError:
-        logger.info("%s is not in the cache %s: downloading it", settings.model_id, settings.hub_cache_dir or "")
-        try:
-            folder = snapshot_download(**options)
-        except Exception as exc:  # network, auth, missing repo: all end the load with one clear reason
-            raise ModelLoadError(
-                f"Could not download {settings.model_id} (revision {settings.model_revision or 'main'}): {exc}. "
-                "Check the id, HF_TOKEN for gated models, and the network; or point MODEL_ID at a local folder."
-            ) from exc
-    path = Path(folder)
-    return path, path.name
-
-
-def _read_chat_template(checkpoint: Path, tokenizer: Any) -> str:
-    """The chat template: the tokenizer's own, else the processor's `chat_template.json` / `.jinja`."""
-    if getattr(tokenizer, "chat_template", None):
-        template = tokenizer.chat_template
-        return template if isinstance(template, str) else template.get("default", next(iter(template.values())))
-    jinja = checkpoint / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    as_json = checkpoint / "chat_template.json"
-    if as_json.is_file():
-        return json.loads(as_json.read_text(encoding="utf-8"))["chat_template"]
-    raise ModelLoadError(f"{checkpoint} has no chat template (tokenizer_config.json or chat_template.json).")
-
-
-def _eos_token_ids(tokenizer: Any, generation_config: GenerationConfig | None) -> frozenset[int]:
-    """Every token that ends an answer: the generation config's, the tokenizer's, and `<|im_end|>`."""
-    ids: set[int] = set()
-    configured = getattr(generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(token) for token in configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return frozenset(ids)
-
-
-def _authors_generation_config(checkpoint: str) -> GenerationConfig | None:
-    """The checkpoint's own generation_config.json, or None. (A loaded model always has a generation config:
-    without the file transformers makes one with `do_sample: false`, which is nobody's choice of greedy.)"""
-    try:
-        return GenerationConfig.from_pretrained(checkpoint)
-    except OSError:
-        return None
-
-
-def _generation_defaults(generation_config: GenerationConfig | None) -> GenerationDefaults:
-    """Sampling defaults the model's authors chose; a config with `do_sample: false` means greedy."""
-    if generation_config is None:
-        return GenerationDefaults()
-    if not getattr(generation_config, "do_sample", False):
-        return GenerationDefaults(temperature=0.0, repetition_penalty=generation_config.repetition_penalty)
-    return GenerationDefaults(
-        temperature=generation_config.temperature,
-        top_p=generation_config.top_p,
-        top_k=generation_config.top_k,
-        repetition_penalty=generation_config.repetition_penalty,
-    )
-
-
-def _context_length(config: Any, settings: Settings) -> int:
-    """The longest prompt + answer: MAX_MODEL_LEN if set, never more than the model's position range."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_limit = int(getattr(text_config, "max_position_embeddings", 32768))
-    return min(settings.max_model_len, model_limit) if settings.max_model_len else model_limit
-
-
 def is_image_text_to_text(config: Any) -> bool:
     """Whether the checkpoint reads images (Qwen2.5-VL) rather than text alone (Qwen2)."""
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
@@ -197,10 +88,8 @@ def load_model(settings: Settings) -> LoadedModel:
     """Load the checkpoint named by MODEL_ID onto the configured devices; log time and memory."""
     started = time.perf_counter()
     checkpoint, revision = resolve_checkpoint(settings)
-    try:
-        config = AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{checkpoint} has no usable config.json: {exc}") from exc
+    config = read_config(checkpoint)
+    info = read_checkpoint(settings, checkpoint, revision, config)
     is_multimodal = is_image_text_to_text(config)
 
     hardware = Hardware.detect()
@@ -214,30 +103,27 @@ def load_model(settings: Settings) -> LoadedModel:
         logger.warning("DEVICE_MAP=%s ignored: no CUDA device is visible, loading on CPU", settings.device_map)
 
     model_class = model_class_for(config)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     image_processor = AutoImageProcessor.from_pretrained(checkpoint) if is_multimodal else None
-    chat_template = _read_chat_template(checkpoint, tokenizer)
     if settings.load_format == "dummy":
         model = random_model(model_class, config, dtype, settings.attn_implementation, "cuda:0" if on_gpu else "cpu")
     else:
         model = model_class.from_pretrained(checkpoint, **options)
     model.eval()
 
-    generation_config = getattr(model, "generation_config", None)
     loaded = LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=info.tokenizer,
         image_processor=image_processor,
-        chat_template=chat_template,
+        chat_template=info.chat_template,
         checkpoint_dir=checkpoint,
         resolved_revision=revision,
         dtype=dtype,
         device=model.get_input_embeddings().weight.device,
         device_map=getattr(model, "hf_device_map", None) or str(model.device),
-        max_model_len=_context_length(config, settings),
-        eos_token_ids=_eos_token_ids(tokenizer, generation_config),
-        image_token_id=getattr(config, "image_token_id", None) if is_multimodal else None,
-        generation_defaults=_generation_defaults(_authors_generation_config(checkpoint)),
+        max_model_len=info.max_model_len,
+        eos_token_ids=info.eos_token_ids,
+        image_token_id=info.image_token_id if is_multimodal else None,
+        generation_defaults=info.generation_defaults,
         parameter_count=sum(parameter.numel() for parameter in model.parameters()),
         load_seconds=time.perf_counter() - started,
     )

@@ -1,0 +1,358 @@
+"""`VllmEngine`: vLLM's `AsyncLLM` behind `EngineClient`.
+
+What stays ours: the chat template and tokenisation (`ChatPromptRenderer`, the same code the transformers
+engine uses), image intake and resizing, so token counts are known before generation and equal on both
+engines. vLLM receives token ids with one `<|image_pad|>` per image and the resized images; it widens the
+placeholders, schedules, pages the KV cache and runs the kernels. Its engine core runs in a child process
+(that is how vLLM is built), started by spawning: `python -m backend` is safe to import.
+
+What vLLM does not promise and we do: a bounded queue (vLLM queues without limit; MAX_QUEUE gives 429),
+REQUEST_TIMEOUT (504, the request aborted in vLLM), every abort counted, and a dead engine core turned into
+503 `engine_dead` and an `error` state in `/health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from anyio import to_thread
+
+from backend.engines.chat_prompt import ChatPromptRenderer, TokenPrompt
+from backend.engines.checkpoint import CheckpointInfo, read_checkpoint, read_config, resolve_checkpoint
+from backend.engines.client import EngineClient, EngineReport, ServedModel
+from backend.engines.events import Failed, Finished, GenerationEvent, GenerationStream, TextDelta
+from backend.engines.requests import ChatTurn, SamplingParams
+from backend.engines.vllm_engine.observe import StepStats, child_pids, memory_report, stat_logger_factory
+from backend.engines.vllm_engine.options import engine_arguments, sampling_arguments
+from backend.errors import InvalidRequestError, QueueFullError, RequestTimeoutError
+from backend.media.resize import PixelBounds
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+HEALTH_POLL_SECONDS = 1.0  # how often an idle engine checks that its engine core is alive
+
+
+@dataclass
+class VllmPrompt:
+    """A rendered conversation and the pixel bounds its images were resized within."""
+
+    rendered: TokenPrompt
+    bounds: PixelBounds
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the prompt, image tokens included."""
+        return self.rendered.prompt_tokens
+
+    @property
+    def image_token_counts(self) -> list[int]:
+        """Tokens of each image."""
+        return self.rendered.image_token_counts
+
+    @property
+    def resized_image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each image as the model sees it."""
+        return self.rendered.resized_image_sizes
+
+    def engine_input(self) -> dict[str, Any]:
+        """vLLM's token prompt: ids, the images, and the bounds (so its processor keeps our sizes)."""
+        prompt: dict[str, Any] = {"prompt_token_ids": self.rendered.token_ids}
+        if self.rendered.images:
+            # Our resize rule can end below a tiny lower bound (a side is never under 28 pixels); bounds that
+            # hold every image as it is make vLLM's resize (the same rule) leave each one unchanged.
+            areas = [width * height for width, height in self.rendered.resized_image_sizes]
+            prompt["multi_modal_data"] = {"image": self.rendered.images}
+            prompt["mm_processor_kwargs"] = {
+                "min_pixels": min(self.bounds.min_pixels, *areas),
+                "max_pixels": max(self.bounds.max_pixels, *areas),
+            }
+        return prompt
+
+
+class VllmEngine(EngineClient):
+    """Starts `AsyncLLM` in the background, then serves generations through it until shutdown."""
+
+    name = "vllm"
+
+    def __init__(self, settings: Settings, reason: str = "ENGINE=vllm") -> None:
+        super().__init__(settings.model_name)
+        self.settings = settings
+        self.reason = reason  # why this engine was chosen (ENGINE=auto explains itself)
+        self._llm: Any = None
+        self._checkpoint: CheckpointInfo | None = None
+        self._renderer: ChatPromptRenderer | None = None
+        self._load_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._tasks: dict[str, asyncio.Task] = {}  # request id -> the task that drives it
+        self._shutting_down = False
+        self.step_stats = StepStats()
+        self.load_seconds: float | None = None
+        self.aborted_in_engine = 0  # requests aborted in vLLM (disconnects, timeouts, shutdown)
+        self.prompt_count_mismatches = 0  # prompts vLLM counted differently from us (should stay 0)
+
+    # --- life cycle ---
+
+    async def start(self) -> None:
+        """Resolve the checkpoint and start vLLM in the background (`/health` says `loading` meanwhile)."""
+        self._load_task = asyncio.create_task(self._load(), name="vllm-load")
+
+    async def wait_until_loaded(self) -> None:
+        """Wait for the load to end, successfully or not."""
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._checkpoint = await to_thread.run_sync(self._read_checkpoint)
+            self._llm = await to_thread.run_sync(self._start_vllm, self._checkpoint)
+        except Exception as exc:  # reported by /health and the log; the server stays up to say so
+            logger.exception("starting vLLM on %s failed", self.settings.model_id)
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = "error"
+            return
+        checkpoint = self._checkpoint
+        self._renderer = ChatPromptRenderer(
+            checkpoint.tokenizer,
+            checkpoint.chat_template,
+            checkpoint.image_token_id,
+            system_prompt=self.settings.system_prompt,
+            max_prompt_tokens=checkpoint.max_model_len,
+        )
+        self._model = ServedModel(
+            max_model_len=checkpoint.max_model_len,
+            accepts_images=checkpoint.accepts_images,
+            generation_defaults=checkpoint.generation_defaults,
+            resolved_revision=checkpoint.resolved_revision,
+        )
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "vLLM serves %s (%s) after %.1f s; KV cache: %s tokens",
+            self.settings.model_id,
+            checkpoint.architecture,
+            self.load_seconds,
+            self.step_stats.kv_cache_tokens,
+        )
+        self.state = "ready"
+        if self._shutting_down:
+            return
+        self._watch_task = asyncio.create_task(self._watch_engine_core(), name="vllm-watch")
+
+    def _read_checkpoint(self) -> CheckpointInfo:
+        folder, revision = resolve_checkpoint(self.settings)
+        return read_checkpoint(self.settings, folder, revision, read_config(folder))
+
+    def _start_vllm(self, checkpoint: CheckpointInfo) -> Any:
+        """Build `AsyncLLM` (blocking: it waits for the engine core to load the model and size its cache)."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # vLLM's CPU build sizes its KV cache from this variable rather than from a memory share (the engine
+        # core, a child process, inherits it); CPU_KV_CACHE_GIB is the setting that decides.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.cpu_kv_cache_gib:g}"
+        arguments = engine_arguments(self.settings, str(checkpoint.folder), checkpoint.max_model_len)
+        logger.info("starting vLLM: %s", arguments)
+        return AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**arguments), stat_loggers=[stat_logger_factory(self.step_stats)]
+        )
+
+    async def _watch_engine_core(self) -> None:
+        """Notice an engine core that died while nothing ran (a running request notices at once)."""
+        while self.state == "ready" and not self._shutting_down:
+            if self._llm.errored:
+                self._die(self._llm.dead_error)
+                return
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+    def _die(self, exc: BaseException) -> None:
+        """The engine core is gone for good: say so in /health; everyone waiting gets 503."""
+        if self.error_code == "engine_dead":
+            return
+        logger.critical("vLLM's engine core stopped: %s", exc)
+        self.error = f"vLLM's engine core stopped ({type(exc).__name__}: {exc}); restart the server."
+        self.error_code = "engine_dead"
+        self.state = "error"
+
+    async def shutdown(self) -> None:
+        """Abort every generation (each ends with `abort`), then stop vLLM and its engine core process."""
+        self._shutting_down = True
+        if self._load_task is not None and not self._load_task.done():
+            await asyncio.shield(self._load_task)  # vLLM's start cannot be interrupted half-way
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    # --- requests ---
+
+    async def prepare(self, turns: list[ChatTurn], bounds: PixelBounds | None = None) -> VllmPrompt:
+        """Template, tokenise and resize images in a worker thread (CPU work kept off the event loop)."""
+        self.require_loaded()
+        assert self._renderer is not None
+        bounds = bounds or PixelBounds(self.settings.min_pixels, self.settings.max_pixels)
+        rendered = await to_thread.run_sync(self._renderer.render, turns, bounds)
+        return VllmPrompt(rendered, bounds)
+
+    def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: VllmPrompt) -> list[GenerationStream]:
+        """Queue one generation per (request id, sampling), all or none: beyond MAX_BATCH_SIZE running and
+        MAX_QUEUE waiting, a 429 leaves nothing queued."""
+        self.require_loaded()
+        capacity = self.settings.max_batch_size + self.settings.max_queue
+        if len(self._tasks) + len(choices) > capacity:
+            raise QueueFullError(self.settings.max_queue, retry_after_seconds=max(1, len(self._tasks) // 8))
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        assert self._checkpoint is not None
+        streams = []
+        for request_id, params in choices:
+            sampling = VllmSamplingParams(
+                **sampling_arguments(params, self._checkpoint.eos_token_ids), output_kind=RequestOutputKind.DELTA
+            )
+            queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+            task = asyncio.create_task(self._drive(request_id, prompt, sampling, queue), name=request_id)
+            self._tasks[request_id] = task
+            task.add_done_callback(lambda task, queue=queue: self._finish_task(task, prompt, queue))
+            streams.append(GenerationStream(queue, task.cancel))
+        return streams
+
+    def _finish_task(self, task: asyncio.Task, prompt: VllmPrompt, queue: asyncio.Queue) -> None:
+        """Forget a finished request; one cancelled before it ever ran still ends with `abort`."""
+        self._tasks.pop(task.get_name(), None)
+        if task.cancelled():  # its body never ran (a body that ran catches the cancellation itself)
+            self._emit(queue, Finished("abort", prompt.prompt_tokens, 0, 0.0, None, 0.0))
+
+    async def _drive(self, request_id: str, prompt: VllmPrompt, sampling: Any, queue: asyncio.Queue) -> None:
+        """Run one request in vLLM and turn its outputs into our events; ends with exactly one final event."""
+        submitted = time.perf_counter()
+        first_token_at: float | None = None
+        completion_tokens = 0
+        counted = False
+        finish_reason = "abort"
+        final: Any = None
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_seconds
+
+        def emit(event: GenerationEvent) -> None:
+            self._emit(queue, event)
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for output in self._llm.generate(prompt.engine_input(), sampling, request_id):
+                    if not counted and output.prompt_token_ids is not None:
+                        self._check_prompt_count(len(output.prompt_token_ids), prompt.prompt_tokens)
+                        counted = True
+                    completion = output.outputs[0]
+                    if completion.token_ids and first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    completion_tokens += len(completion.token_ids)
+                    if completion.text or completion.token_ids:
+                        emit(TextDelta(completion.text, completion_tokens))
+                    if output.finished:
+                        finish_reason = completion.finish_reason or "stop"
+                        final = output
+        except TimeoutError:
+            self.aborted_in_engine += 1
+            emit(Failed(RequestTimeoutError.after(self.settings.request_timeout_seconds)))
+            return
+        except asyncio.CancelledError:  # the client left, a sibling choice failed, or the server stops
+            self.aborted_in_engine += 1  # vLLM's generate aborted the request on its way out
+            finish_reason = "abort"
+        except Exception as exc:
+            emit(Failed(self._translate(exc)))
+            return
+        now = time.perf_counter()
+        queue_seconds, ttft = _timings(final, submitted, first_token_at)
+        emit(
+            Finished(
+                finish_reason=finish_reason,
+                prompt_tokens=prompt.prompt_tokens,
+                completion_tokens=completion_tokens,
+                queue_seconds=queue_seconds,
+                time_to_first_token=ttft,
+                generation_seconds=max(now - submitted - queue_seconds, 0.0),
+            )
+        )
+
+    def _check_prompt_count(self, vllm_count: int, our_count: int) -> None:
+        """The usage we report is our count; vLLM's must agree (it would not if its processor resized an
+        image again). A disagreement is logged and counted in /health, never silently reported."""
+        if vllm_count != our_count:
+            self.prompt_count_mismatches += 1
+            logger.warning("vLLM counts %d prompt tokens where we counted %d", vllm_count, our_count)
+
+    def _emit(self, queue: asyncio.Queue, event: GenerationEvent) -> None:
+        """Hand an event to its stream; final events to the listeners (stats, metrics) too."""
+        if not isinstance(event, TextDelta):
+            self._notify(event)
+        queue.put_nowait(event)
+
+    def _translate(self, exc: Exception) -> Exception:
+        """vLLM's failures in our terms: a dead engine core is a 503, an input it refuses a 400."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
+            self._die(exc)
+            return self.unavailable()
+        if isinstance(exc, ValueError):
+            return InvalidRequestError(f"The model cannot take this request: {exc}")
+        logger.exception("a vLLM generation failed", exc_info=exc)
+        return exc
+
+    # --- observation ---
+
+    def queue_sizes(self) -> tuple[int, int]:
+        """(running, waiting) requests: ours in flight, split as vLLM's scheduler last reported."""
+        in_flight = len(self._tasks)
+        running = min(in_flight, self.step_stats.running if self.step_stats.steps else in_flight)
+        running = min(running, self.settings.max_batch_size)
+        return running, in_flight - running
+
+    def memory(self) -> dict[str, Any]:
+        """This process's and the engine core's RSS, and each GPU's used and total bytes (NVML)."""
+        return memory_report(child_pids())
+
+    def report(self) -> EngineReport:
+        """Engine choice, KV cache, queue and memory for `/health`."""
+        checkpoint = self._checkpoint
+        details: dict[str, Any] = {
+            "engine_reason": self.reason,
+            "architecture": checkpoint.architecture if checkpoint is not None else None,
+            "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
+            "tensor_parallel_size": self.settings.tensor_parallel_size,
+            "kv_cache": self.step_stats.as_dict(),
+        }
+        if self._llm is not None:
+            details["dtype"] = str(self._llm.model_config.dtype).removeprefix("torch.")
+        running, waiting = self.queue_sizes()
+        queue = {
+            "running": running,
+            "waiting": waiting,
+            "max_batch_size": self.settings.max_batch_size,
+            "max_queue": self.settings.max_queue,
+            "aborted_in_engine": self.aborted_in_engine,
+            "prompt_count_mismatches": self.prompt_count_mismatches,
+            "engine_steps": self.step_stats.steps,
+        }
+        return EngineReport(self.name, details, queue, self.stats, self.memory())
+
+
+def _timings(final: Any, submitted: float, first_token_at: float | None) -> tuple[float, float | None]:
+    """(queue seconds, time to first token from the start of the work), from vLLM's engine-core timestamps
+    where it reported them, else from what this process saw."""
+    metrics = getattr(final, "metrics", None)
+    queued, scheduled, first = (getattr(metrics, name, 0.0) for name in ("queued_ts", "scheduled_ts", "first_token_ts"))
+    if queued and scheduled and first:
+        return max(scheduled - queued, 0.0), max(first - scheduled, 0.0)
+    ttft = first_token_at - submitted if first_token_at is not None else None
+    return 0.0, ttft
