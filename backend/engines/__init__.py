@@ -33,8 +33,8 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     if not vllm_installed():
         return "transformers", "ENGINE=auto: vLLM is not installed in this environment"
     architecture = _architecture(settings)
-    if architecture is None:
-        return "transformers", "ENGINE=auto: the checkpoint's architecture could not be read before loading"
+    if architecture is None:  # vLLM was installed on purpose; its own load will say if it cannot serve this
+        return "vllm", "ENGINE=auto: vLLM is installed (the checkpoint's architecture could not be read first)"
     reason = unsupported_reason(architecture)
     if reason is not None:
         return "transformers", f"ENGINE=auto: {reason}"

@@ -140,7 +140,37 @@ async def test_a_failed_load_ends_the_warm_up_and_reports_the_failure(tmp_path):
     engine = FakeEngine(load_error="no weights")
     app = create_app(make_settings(tmp_path, warmup=True), engine)
     async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10):
+        await engine.wait_until_loaded()
+        for _ in range(100):
+            if not engine.warming:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.warming and engine.state == "error" and engine.prompts == []
+
+
+async def test_a_failed_warm_up_generation_still_ends_ready(tmp_path, caplog):
+    """The warm-up costs the first user time if it fails, never the server its readiness."""
+    engine = FakeEngine(reply=lambda text: 1 / 0)
+    app = create_app(make_settings(tmp_path, warmup=True), engine)
+    async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10):
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=10)
         await engine.wait_until_loaded()
-        await asyncio.sleep(0.05)
-        assert not engine.warming and (await client.get("/ping")).status_code == 503
+        for _ in range(200):
+            if (await client.get("/ping")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.state == "ready" and engine.stats.failed == 1
+    assert "the warm-up generation failed" in caplog.text
+
+
+async def test_shutdown_during_the_warm_up_does_not_hang(tmp_path):
+    engine = FakeEngine(reply=lambda text: "慢" * 1000, seconds_per_token=0.05)
+    app = create_app(make_settings(tmp_path, warmup=True), engine)
+    async with LifespanManager(app, startup_timeout=10, shutdown_timeout=10):
+        await engine.wait_until_loaded()
+        for _ in range(100):
+            if engine.prompts:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.warming
+    assert engine.stats.finished["abort"] == 1 and (engine.queue_sizes() == (0, 0))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -40,6 +42,7 @@ SETTINGS = {
     "MAX_QUEUE": "2",
     "REQUEST_TIMEOUT_SECONDS": "4",
     "MAX_TOKENS_LIMIT": str(MAX_MODEL_LEN),
+    "WARMUP": "true",  # as deployed: the engine warms up before /ping says ready (and its watchdog still runs)
 }
 VLLM_SETTINGS = {"ENFORCE_EAGER": "true", "CPU_KV_CACHE_GIB": "1"}  # starts in about a minute on 2 cores
 # Far beyond what a CPU makes within the timeout (vLLM made 8,000 tokens of the small model in under 6 s).
@@ -136,6 +139,12 @@ def wait_for_health(server, condition, what: str, timeout: float = 60) -> dict:
     return body
 
 
+def idle(body: dict) -> bool:
+    """Nothing runs or waits, by our count and (on vLLM) by vLLM's own: every abort really landed."""
+    scheduler = body["scheduler"]
+    return scheduler["running"] + scheduler["waiting"] + scheduler.get("engine_unfinished", 0) == 0
+
+
 def messages(text: str = "脾胃虚弱的人应该吃什么？") -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -211,11 +220,14 @@ def test_stream_and_whole_answer_agree_and_stop_strings_cut(engine_server):
 
 def test_a_disconnected_client_aborts_its_generation_in_the_engine(engine_server):
     before = health(engine_server)["generation"]["finished"]["abort"]
-    with hold_request(engine_server.url, CHAT, {"messages": messages(), "stream": True, **LONG}):
-        wait_for_health(engine_server, lambda body: body["scheduler"]["running"] == 1, "the generation starting")
+    body = {"messages": messages(), "stream": True, **LONG}
+    with httpx.stream("POST", f"{engine_server.url}{CHAT}", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        content = [line for line, _ in zip((line for line in lines if '"content":"' in line), range(5))]
+    assert len(content) == 5  # tokens were flowing when the client hung up
     after = wait_for_health(
         engine_server,
-        lambda body: body["generation"]["finished"]["abort"] == before + 1 and body["scheduler"]["running"] == 0,
+        lambda body: body["generation"]["finished"]["abort"] == before + 1 and idle(body),
         "the abort",
     )
     assert 0 < after["generation"]["last_aborted_tokens"] < LONG["max_tokens"]
@@ -240,11 +252,7 @@ def test_a_full_queue_answers_429_and_frees_when_clients_leave(engine_server):
     finally:
         for connection in held:
             connection.close()
-    wait_for_health(
-        engine_server,
-        lambda body: body["scheduler"]["running"] + body["scheduler"]["waiting"] == 0,
-        "the queue emptying",
-    )
+    wait_for_health(engine_server, idle, "the queue emptying")
     quick = httpx.post(f"{engine_server.url}{CHAT}", json={"messages": messages(), "max_tokens": 2}, timeout=60)
     assert quick.status_code == 200
 
@@ -254,7 +262,7 @@ def test_request_timeout_gives_504_and_frees_the_slot(engine_server):
     response = httpx.post(f"{engine_server.url}{CHAT}", json={"messages": messages(), **LONG}, timeout=60)
     assert response.status_code == 504, response.text[:300]
     assert response.json()["error"]["code"] == "request_timeout" and 3.5 < time.monotonic() - started < 30
-    wait_for_health(engine_server, lambda body: body["scheduler"]["running"] == 0, "the slot freeing")
+    wait_for_health(engine_server, idle, "the slot freeing")
 
 
 @pytest.mark.parametrize(
@@ -291,13 +299,20 @@ def test_metrics_keep_their_names(engine_server):
 
 
 def test_zz_a_dead_engine_core_gives_503_and_says_so_in_health(engine_server):
-    """Runs last on its server (it kills the engine): vLLM's engine core dying (the kernel's OOM killer, a
-    crash) turns into 503 `engine_dead` for every request, /ping 503 and /health `error` with the reason.
+    """Runs last on its server (it kills the engine; tests run in file order per engine): vLLM's engine core
+    dying (the kernel's OOM killer, a crash) ends a running stream with an error event, turns into 503
+    `engine_dead` for every request, /ping 503 and /health `error` with the reason.
     (The transformers engine runs in the server's own thread: tests/unit/test_engine_resilience.py.)"""
     if engine_server.engine != "vllm":
         pytest.skip("the transformers engine has no engine process to kill")
-    for pid in descendant_pids(engine_server.process.pid):
-        os.kill(pid, 9)
+    body = {"messages": messages(), "stream": True, **LONG}
+    with httpx.stream("POST", f"{engine_server.url}{CHAT}", json=body, timeout=30) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        for pid in descendant_pids(engine_server.process.pid):
+            os.kill(pid, 9)
+        rest = [line for line in lines if line.startswith("data: ")]  # ends: no hang
+    assert rest[-1] == "data: [DONE]" and '"code":"engine_dead"' in rest[-2]
     body = wait_for_health(engine_server, lambda body: body["status"] == "error", "the error state", timeout=30)
     assert "engine core" in body["error"]
     response = httpx.post(f"{engine_server.url}{CHAT}", json={"messages": messages(), "max_tokens": 2}, timeout=30)
@@ -305,3 +320,24 @@ def test_zz_a_dead_engine_core_gives_503_and_says_so_in_health(engine_server):
     ping = httpx.get(f"{engine_server.url}/ping", timeout=10)
     assert ping.status_code == 503 and ping.json()["error"]["code"] == "engine_dead"
     assert engine_server.process.poll() is None  # the server itself stays up to say what happened
+
+
+def test_the_vllm_engine_drives_every_ending_of_a_request():
+    """The vLLM engine against a stand-in for AsyncLLM that plays what a real engine core rarely does on cue
+    (tests/e2e/vllm_engine_checks.py, run with .venv-vllm's Python and vLLM's own exception classes)."""
+    if not VLLM_PYTHON.exists():
+        missing(f"{VLLM_PYTHON} is missing: run scripts/bootstrap_vllm.sh (scripts/test.sh does)")
+    script = Path(__file__).with_name("vllm_engine_checks.py")
+    done = subprocess.run([str(VLLM_PYTHON), str(script)], capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, result in results.items():
+        assert result["finals"] == 1 and result["in_flight"] == 0 and result["unfinished"] == 0, (name, result)
+    assert (results["refused"]["status"], results["invalid"]["status"]) == (400, 400)  # inputs vLLM refuses
+    assert results["error"]["status"] == 500  # vLLM's finish_reason "error" is no answer
+    assert (results["eos"]["reason"], results["eos"]["tokens"]) == ("stop", 2)  # the end token is not counted
+    assert (results["stopstring"]["reason"], results["stopstring"]["tokens"]) == ("stop", 2)
+    assert results["slow"]["code"] == "request_timeout" and results["slow"]["aborted"] == ["slow-0"]
+    assert results["cancelled"]["reason"] == "abort" and results["cancelled"]["aborted"] == ["cancelled-0"]
+    assert results["early"]["reason"] == "abort" and results["early"]["tokens"] == 0
+    assert results["dead"]["code"] == "engine_dead" and results["dead"]["state"] == "error"

@@ -10,7 +10,12 @@ import pytest
 from backend.engines import choose_engine, create_engine
 from backend.engines.requests import SamplingParams
 from backend.engines.vllm_engine import options
-from backend.engines.vllm_engine.options import SEED_MODULUS, engine_arguments, sampling_arguments
+from backend.engines.vllm_engine.options import (
+    SEED_MODULUS,
+    ended_by_end_token,
+    engine_arguments,
+    sampling_arguments,
+)
 from tests.conftest import make_settings
 
 
@@ -70,6 +75,21 @@ def test_sampling_keeps_every_meaning():
         "include_stop_str_in_output": False,
     }
     assert SEED_MODULUS == 2**64
+
+
+@pytest.mark.parametrize(("seed", "folded"), [(-1, 2**64 - 1), (-(2**63), 2**63), (0, 0), (2**64 + 3, 3)])
+def test_negative_seeds_stay_seeds(seed, folded):
+    """vLLM reads -1 as "no seed": a request's -1 must be a seed like any other (folded as the transformers
+    engine folds it)."""
+    assert sampling_arguments(SamplingParams(max_new_tokens=1, seed=seed), frozenset())["seed"] == folded
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "stop_reason", "taken_off"),
+    [("stop", None, 1), ("stop", 151645, 1), ("stop", "。", 0), ("length", None, 0), ("abort", None, 0)],
+)
+def test_the_end_token_is_not_counted_in_the_answer(finish_reason, stop_reason, taken_off):
+    assert ended_by_end_token(finish_reason, stop_reason) == taken_off
 
 
 def test_no_top_k_and_ignore_eos_in_vllm_terms():

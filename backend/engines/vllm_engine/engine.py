@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from anyio import to_thread
@@ -28,8 +28,14 @@ from backend.engines.client import EngineClient, EngineReport, ServedModel
 from backend.engines.events import Failed, Finished, GenerationEvent, GenerationStream, TextDelta
 from backend.engines.requests import ChatTurn, SamplingParams
 from backend.engines.vllm_engine.observe import StepStats, child_pids, memory_report, stat_logger_factory
-from backend.engines.vllm_engine.options import engine_arguments, sampling_arguments
-from backend.errors import InvalidRequestError, QueueFullError, RequestTimeoutError
+from backend.engines.vllm_engine.options import ended_by_end_token, engine_arguments, sampling_arguments
+from backend.errors import (
+    InvalidRequestError,
+    ModelNotReadyError,
+    ModelOutputError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from backend.media.resize import PixelBounds
 from backend.settings import Settings
 
@@ -39,35 +45,19 @@ HEALTH_POLL_SECONDS = 1.0  # how often an idle engine checks that its engine cor
 
 
 @dataclass
-class VllmPrompt:
+class VllmPrompt(TokenPrompt):
     """A rendered conversation and the pixel bounds its images were resized within."""
 
-    rendered: TokenPrompt
-    bounds: PixelBounds
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Tokens in the prompt, image tokens included."""
-        return self.rendered.prompt_tokens
-
-    @property
-    def image_token_counts(self) -> list[int]:
-        """Tokens of each image."""
-        return self.rendered.image_token_counts
-
-    @property
-    def resized_image_sizes(self) -> list[tuple[int, int]]:
-        """(width, height) of each image as the model sees it."""
-        return self.rendered.resized_image_sizes
+    bounds: PixelBounds = field(default_factory=lambda: PixelBounds(1, 1))
 
     def engine_input(self) -> dict[str, Any]:
         """vLLM's token prompt: ids, the images, and the bounds (so its processor keeps our sizes)."""
-        prompt: dict[str, Any] = {"prompt_token_ids": self.rendered.token_ids}
-        if self.rendered.images:
+        prompt: dict[str, Any] = {"prompt_token_ids": self.token_ids}
+        if self.images:
             # Our resize rule can end below a tiny lower bound (a side is never under 28 pixels); bounds that
             # hold every image as it is make vLLM's resize (the same rule) leave each one unchanged.
-            areas = [width * height for width, height in self.rendered.resized_image_sizes]
-            prompt["multi_modal_data"] = {"image": self.rendered.images}
+            areas = [width * height for width, height in self.resized_image_sizes]
+            prompt["multi_modal_data"] = {"image": self.images}
             prompt["mm_processor_kwargs"] = {
                 "min_pixels": min(self.bounds.min_pixels, *areas),
                 "max_pixels": max(self.bounds.max_pixels, *areas),
@@ -156,6 +146,9 @@ class VllmEngine(EngineClient):
         # vLLM's CPU build sizes its KV cache from this variable rather than from a memory share (the engine
         # core, a child process, inherits it); CPU_KV_CACHE_GIB is the setting that decides.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.cpu_kv_cache_gib:g}"
+        # vLLM forks its engine core on GPUs by default; forking this process (uvicorn's threads, its listening
+        # socket, a load running in a worker thread) is unsafe, so the core is always spawned.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         arguments = engine_arguments(self.settings, str(checkpoint.folder), checkpoint.max_model_len)
         logger.info("starting vLLM: %s", arguments)
         return AsyncLLM.from_engine_args(
@@ -164,7 +157,7 @@ class VllmEngine(EngineClient):
 
     async def _watch_engine_core(self) -> None:
         """Notice an engine core that died while nothing ran (a running request notices at once)."""
-        while self.state == "ready" and not self._shutting_down:
+        while self._state == "ready" and not self._shutting_down:  # `state` reads `loading` during WARMUP
             if self._llm.errored:
                 self._die(self._llm.dead_error)
                 return
@@ -190,6 +183,7 @@ class VllmEngine(EngineClient):
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         if self._watch_task is not None:
             self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
@@ -202,12 +196,14 @@ class VllmEngine(EngineClient):
         assert self._renderer is not None
         bounds = bounds or PixelBounds(self.settings.min_pixels, self.settings.max_pixels)
         rendered = await to_thread.run_sync(self._renderer.render, turns, bounds)
-        return VllmPrompt(rendered, bounds)
+        return VllmPrompt(**{item.name: getattr(rendered, item.name) for item in fields(rendered)}, bounds=bounds)
 
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: VllmPrompt) -> list[GenerationStream]:
         """Queue one generation per (request id, sampling), all or none: beyond MAX_BATCH_SIZE running and
         MAX_QUEUE waiting, a 429 leaves nothing queued."""
         self.require_loaded()
+        if self._shutting_down:
+            raise ModelNotReadyError("The server is shutting down.", code="shutting_down")
         capacity = self.settings.max_batch_size + self.settings.max_queue
         if len(self._tasks) + len(choices) > capacity:
             raise QueueFullError(self.settings.max_queue, retry_after_seconds=max(1, len(self._tasks) // 8))
@@ -215,35 +211,42 @@ class VllmEngine(EngineClient):
         from vllm.sampling_params import RequestOutputKind
 
         assert self._checkpoint is not None
+        eos = self._checkpoint.eos_token_ids
+        try:  # every choice's parameters first: one that vLLM refuses must leave none queued
+            samplings = [
+                VllmSamplingParams(**sampling_arguments(params, eos), output_kind=RequestOutputKind.DELTA)
+                for _, params in choices
+            ]
+        except Exception as exc:
+            raise self._translate(exc) from exc
         streams = []
-        for request_id, params in choices:
-            sampling = VllmSamplingParams(
-                **sampling_arguments(params, self._checkpoint.eos_token_ids), output_kind=RequestOutputKind.DELTA
-            )
+        for (request_id, _), sampling in zip(choices, samplings):
             queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
             task = asyncio.create_task(self._drive(request_id, prompt, sampling, queue), name=request_id)
             self._tasks[request_id] = task
             task.add_done_callback(lambda task, queue=queue: self._finish_task(task, prompt, queue))
-            streams.append(GenerationStream(queue, task.cancel))
+            streams.append(GenerationStream(queue, _cancel_once(task)))
         return streams
 
     def _finish_task(self, task: asyncio.Task, prompt: VllmPrompt, queue: asyncio.Queue) -> None:
-        """Forget a finished request; one cancelled before it ever ran still ends with `abort`."""
-        self._tasks.pop(task.get_name(), None)
-        if task.cancelled():  # its body never ran (a body that ran catches the cancellation itself)
+        """A request cancelled before its task ever ran still leaves `_tasks` and ends with `abort` (a task
+        that ran does both itself)."""
+        if task.cancelled():
+            self._tasks.pop(task.get_name(), None)
             self._emit(queue, Finished("abort", prompt.prompt_tokens, 0, 0.0, None, 0.0))
 
     async def _drive(self, request_id: str, prompt: VllmPrompt, sampling: Any, queue: asyncio.Queue) -> None:
-        """Run one request in vLLM and turn its outputs into our events; ends with exactly one final event."""
+        """Run one request in vLLM and turn its outputs into our events; ends with exactly one final event.
+        The request leaves `_tasks` before that event, so its slot is free when its client hears it ended."""
         submitted = time.perf_counter()
         first_token_at: float | None = None
         completion_tokens = 0
         counted = False
-        finish_reason = "abort"
         final: Any = None
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_seconds
 
-        def emit(event: GenerationEvent) -> None:
+        def end(event: GenerationEvent) -> None:
+            self._tasks.pop(request_id, None)
             self._emit(queue, event)
 
         try:
@@ -256,24 +259,30 @@ class VllmEngine(EngineClient):
                     if completion.token_ids and first_token_at is None:
                         first_token_at = time.perf_counter()
                     completion_tokens += len(completion.token_ids)
-                    if completion.text or completion.token_ids:
-                        emit(TextDelta(completion.text, completion_tokens))
                     if output.finished:
-                        finish_reason = completion.finish_reason or "stop"
                         final = output
+                        completion_tokens -= ended_by_end_token(completion.finish_reason, completion.stop_reason)
+                    if completion.text:
+                        self._emit(queue, TextDelta(completion.text, completion_tokens))
         except TimeoutError:
-            self.aborted_in_engine += 1
-            emit(Failed(RequestTimeoutError.after(self.settings.request_timeout_seconds)))
+            await self._abort_in_engine(request_id)
+            end(Failed(RequestTimeoutError.after(self.settings.request_timeout_seconds)))
             return
         except asyncio.CancelledError:  # the client left, a sibling choice failed, or the server stops
-            self.aborted_in_engine += 1  # vLLM's generate aborted the request on its way out
-            finish_reason = "abort"
+            try:
+                await self._abort_in_engine(request_id)
+            except asyncio.CancelledError:  # cancelled again while aborting: the abort runs on (shielded)
+                pass
         except Exception as exc:
-            emit(Failed(self._translate(exc)))
+            end(Failed(self._translate(exc)))
+            return
+        finish_reason = final.outputs[0].finish_reason if final is not None else "abort"
+        if finish_reason not in ("stop", "length", "abort"):  # vLLM's "error" (and others): its request failed
+            end(Failed(ModelOutputError(f"The engine could not finish this request ({finish_reason}); retry it.")))
             return
         now = time.perf_counter()
         queue_seconds, ttft = _timings(final, submitted, first_token_at)
-        emit(
+        end(
             Finished(
                 finish_reason=finish_reason,
                 prompt_tokens=prompt.prompt_tokens,
@@ -283,6 +292,17 @@ class VllmEngine(EngineClient):
                 generation_seconds=max(now - submitted - queue_seconds, 0.0),
             )
         )
+
+    async def _abort_in_engine(self, request_id: str) -> None:
+        """Make sure vLLM stops the request (its generate aborts only what it had fully added); repeating an
+        abort is harmless. Shielded: a second cancellation must not interrupt it half-way."""
+        if self._llm is None:
+            return
+        self.aborted_in_engine += 1
+        try:
+            await asyncio.shield(self._llm.abort(request_id))
+        except Exception:  # a dead engine core has nothing left to abort
+            logger.debug("abort of %s failed", request_id, exc_info=True)
 
     def _check_prompt_count(self, vllm_count: int, our_count: int) -> None:
         """The usage we report is our count; vLLM's must agree (it would not if its processor resized an
@@ -298,15 +318,20 @@ class VllmEngine(EngineClient):
         queue.put_nowait(event)
 
     def _translate(self, exc: Exception) -> Exception:
-        """vLLM's failures in our terms: a dead engine core is a 503, an input it refuses a 400."""
+        """vLLM's failures in our terms: a dead engine core is a 503, an input it refuses a 400 (vLLM wraps
+        a ValueError from its input processing in EngineGenerateError), anything else stays a 500."""
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
             self._die(exc)
             return self.unavailable()
-        if isinstance(exc, ValueError):
-            return InvalidRequestError(f"The model cannot take this request: {exc}")
-        logger.exception("a vLLM generation failed", exc_info=exc)
+        refused = exc if isinstance(exc, VLLMClientError | ValueError) else None
+        if refused is None and isinstance(exc.__cause__, VLLMClientError | ValueError):
+            refused = exc.__cause__
+        if refused is not None:
+            return InvalidRequestError(f"The model cannot take this request: {refused}")
+        logger.error("a vLLM generation failed", exc_info=exc)
         return exc
 
     # --- observation ---
@@ -341,10 +366,26 @@ class VllmEngine(EngineClient):
             "max_batch_size": self.settings.max_batch_size,
             "max_queue": self.settings.max_queue,
             "aborted_in_engine": self.aborted_in_engine,
+            # vLLM's own count of requests it still holds: 0 once every abort has really landed.
+            "engine_unfinished": self._llm.get_num_unfinished_requests() if self._llm is not None else 0,
             "prompt_count_mismatches": self.prompt_count_mismatches,
             "engine_steps": self.step_stats.steps,
         }
         return EngineReport(self.name, details, queue, self.stats, self.memory())
+
+
+def _cancel_once(task: asyncio.Task):
+    """The stream's `cancel`: the handler, the stream and the response may each call it; the task is cancelled
+    once, so that its own clean-up (the abort in vLLM, the final event) is not interrupted by a second one."""
+    cancelled = False
+
+    def cancel() -> None:
+        nonlocal cancelled
+        if not cancelled:
+            cancelled = True
+            task.cancel()
+
+    return cancel
 
 
 def _timings(final: Any, submitted: float, first_token_at: float | None) -> tuple[float, float | None]:

@@ -82,32 +82,43 @@ def stat_logger_factory(stats: StepStats):
     return StepStatsLogger
 
 
+_nvml: Any = None  # pynvml once initialised; False where there is no NVIDIA driver
+
+
+def _nvml_module() -> Any:
+    """pynvml, initialised once per process (initialising on every /health or scrape costs milliseconds)."""
+    global _nvml
+    if _nvml is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml = pynvml
+        except Exception:  # no driver, no library: a CPU machine
+            _nvml = False
+    return _nvml
+
+
 def gpu_memory() -> list[dict[str, Any]]:
     """Used and total bytes of each visible GPU, from NVML (empty without an NVIDIA driver)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no library: a CPU machine
+    nvml = _nvml_module()
+    if not nvml:
         return []
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            gpus.append(
-                {
-                    "index": index,
-                    "name": name.decode() if isinstance(name, bytes) else name,
-                    "used_bytes": int(info.used),
-                    "free_bytes": int(info.free),
-                    "total_bytes": int(info.total),
-                }
-            )
-        return gpus
-    finally:
-        pynvml.nvmlShutdown()
+    gpus = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        info = nvml.nvmlDeviceGetMemoryInfo(handle)
+        name = nvml.nvmlDeviceGetName(handle)
+        gpus.append(
+            {
+                "index": index,
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "used_bytes": int(info.used),
+                "free_bytes": int(info.free),
+                "total_bytes": int(info.total),
+            }
+        )
+    return gpus
 
 
 def memory_report(engine_core_pids: list[int]) -> dict[str, Any]:

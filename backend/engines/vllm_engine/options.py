@@ -75,6 +75,12 @@ def sampling_arguments(params: SamplingParams, eos_token_ids: frozenset[int]) ->
     }
 
 
+def ended_by_end_token(finish_reason: str | None, stop_reason: int | str | None) -> int:
+    """1 when vLLM ended an answer on an end token (`stop` with no stop string): vLLM counts that token in
+    the answer, the transformers engine and OpenAI do not, so it is taken off the usage. 0 otherwise."""
+    return 1 if finish_reason == "stop" and not isinstance(stop_reason, str) else 0
+
+
 def unsupported_reason(architecture: str) -> str | None:
     """Why vLLM cannot serve a checkpoint of this architecture (None: it can). Imports vLLM (seconds)."""
     if not vllm_installed():
