@@ -24,6 +24,7 @@ from backend.host_guard import HostGuardMiddleware, HostPolicy
 from backend.media import ImageIntake
 from backend.metrics import Metrics
 from backend.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from backend.openapi import install_openapi
 from backend.routes import chat, health, metrics, models, vision
 from backend.settings import Settings
 
@@ -105,6 +106,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
             expose_headers=["X-Request-ID"],
         )
     install_error_handlers(app)
+    install_openapi(app, api_keys_set=bool(settings.api_key))
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(models.router)

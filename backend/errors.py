@@ -185,12 +185,19 @@ _UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "j
 
 def format_location(loc: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "content", "str")` -> `messages[0].content` (a validation error's `param`)."""
-    parts = [
-        part
-        for part in loc
-        if part not in ("body", "query", "path", "header")
-        and not (isinstance(part, str) and (part in _UNION_MEMBER_NAMES or "[" in part))
-    ]
+    parts = []
+    tag_follows = False  # a tagged union's member is named by its tag after the item's index: dropped
+    for part in loc:
+        if isinstance(part, str) and "tagged-union[" in part:
+            tag_follows = True
+        if part in ("body", "query", "path", "header"):
+            continue
+        if isinstance(part, str) and (part in _UNION_MEMBER_NAMES or "[" in part):
+            continue
+        if tag_follows and isinstance(part, str) and parts and isinstance(parts[-1], int):
+            tag_follows = False  # `content[0].image_url.image_url` -> `content[0].image_url`
+            continue
+        parts.append(part)
     text = ""
     for part in parts:
         if isinstance(part, int):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from backend.errors import InvalidRequestError
 from backend.protocol.common import RequestBody, Usage
 
-Number = StrictFloat | StrictInt
+# A JSON number: integers are accepted (and become floats), strings and booleans are not. A single type (not
+# a union) so that bounds appear in the OpenAPI schema as JSON Schema's minimum/maximum.
+Number = StrictFloat
 
 
 class TextPart(BaseModel):
@@ -116,6 +118,17 @@ class GenerationOptions(RequestBody):
         """Whether a stream ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> GenerationOptions:
+        """OpenAI refuses `stream_options` without `stream: true` (it would change nothing, silently)."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "`stream_options` is only allowed when `stream` is true.",
+                param="stream_options",
+                code="invalid_value",
+            )
+        return self
+
     def check_limits(self, max_n: int) -> None:
         """Refuse too many stop strings or choices."""
         if isinstance(self.stop, list) and len(self.stop) > 16:
@@ -145,8 +158,18 @@ class ChatCompletionRequest(GenerationOptions):
                 )
         if self.tool_choice not in (None, "none"):
             raise InvalidRequestError(
-                "This server does not support tool calling; remove `tool_choice`.", param="tool_choice"
+                "This server does not support tool calling; remove `tool_choice`.",
+                param="tool_choice",
+                code="unsupported_field",
             )
+        for index, message in enumerate(self.messages):
+            if message.content is None and message.role != "assistant":
+                # OpenAI answers 400: only an assistant turn (one that called tools) may have no content.
+                raise InvalidRequestError(
+                    f"messages[{index}] ({message.role}) has no content; give it a string or a list of parts.",
+                    param=f"messages[{index}].content",
+                    code="invalid_value",
+                )
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise InvalidRequestError(
                 f"response_format type {self.response_format.get('type')!r} is not supported; only 'text' is.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from backend.protocol.chat import GenerationOptions
 from backend.protocol.common import Usage
@@ -13,7 +13,12 @@ Task = Literal["tongue", "face", "herb", "general"]
 
 
 class VisionAnalyzeRequest(GenerationOptions):
-    """The JSON body (multipart forms carry the same fields, with images as file parts named `image`)."""
+    """The JSON body (multipart forms carry the same fields, with images as file parts named `image`).
+
+    `image` is required (a request without one is a 400); it is optional in the model only because a form's
+    images arrive as file parts, not in this field."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["image"]})
 
     image: StrictStr | list[StrictStr] | None = Field(
         None, description="data: URI, bare base64, or an http(s) URL from IMAGE_URL_ALLOWED_DOMAINS; or a list"

@@ -12,6 +12,7 @@ from backend.protocol.common import ErrorResponse
 
 router = APIRouter(tags=["chat"])
 
+# The errors every generation route answers are added by backend/openapi.py.
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "SSE chunks when stream=true"}}
 

@@ -35,6 +35,7 @@ OPENAPI_BODY = {
         },
     }
 }
+# The errors every generation route answers are added by backend/openapi.py.
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 503)}
 
 

@@ -145,6 +145,14 @@ def error_of(response, body, status, param=None, code=None):
         (chat("hi", top_p=0), "top_p"),
         (chat("hi", n=0), "n"),
         (chat("hi", stream="yes"), "stream"),
+        (chat("hi", temperature=True), "temperature"),
+        (chat("hi", temperature="0.5"), "temperature"),
+        # A tagged union's tag is not repeated in the field's name (not `content[0].image_url.image_url`).
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+            "messages[0].content[0].image_url",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
     ],
 )
 async def test_validation_errors_are_400_envelopes_naming_the_field(client, body, param):
@@ -182,6 +190,43 @@ async def test_served_name_and_model_id_are_both_accepted(client, vl_settings):
 async def test_what_cannot_be_honoured_is_refused(client, extra, param):
     response, body = await post(client, chat("hi", **extra))
     error_of(response, body, 400, param)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        # OpenAI refuses stream_options on a request that does not stream.
+        (chat("hi", stream_options={"include_usage": True}), "stream_options", "invalid_value"),
+        (chat("hi", stream=False, stream_options={"include_usage": False}), "stream_options", "invalid_value"),
+        (chat("hi", tool_choice="auto"), "tool_choice", "unsupported_field"),
+        (chat(None), "messages[0].content", "invalid_value"),
+        (
+            {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]},
+            "messages[0].content",
+            "invalid_value",
+        ),
+    ],
+)
+async def test_what_openai_refuses_is_refused_with_a_code(client, body, param, code):
+    response, result = await post(client, body)
+    error_of(response, result, 400, param, code)
+
+
+async def test_an_integer_temperature_is_a_number(client):
+    response, _ = await post(client, chat("hi", temperature=1, top_p=1, max_tokens=1))
+    assert response.status_code == 200
+
+
+async def test_an_assistant_turn_without_content_is_accepted(client):
+    body = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "go on"},
+        ]
+    }
+    response, _ = await post(client, {**body, "max_tokens": 1})
+    assert response.status_code == 200
 
 
 async def test_prompt_plus_max_tokens_must_fit_the_context(client):
