@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -341,3 +342,19 @@ def test_the_vllm_engine_drives_every_ending_of_a_request():
     assert results["cancelled"]["reason"] == "abort" and results["cancelled"]["aborted"] == ["cancelled-0"]
     assert results["early"]["reason"] == "abort" and results["early"]["tokens"] == 0
     assert results["dead"]["code"] == "engine_dead" and results["dead"]["state"] == "error"
+
+
+def test_vllm_serves_a_folder_without_weights_with_load_format_dummy(small_vl_dir, tmp_path):
+    """LOAD_FORMAT=dummy on vLLM (its own random initialisation): what scripts/gpu_proof.sh uses to measure the
+    full-size architecture without its 64 GB of weights, here on the small one."""
+    if not VLLM_PYTHON.exists():
+        missing(f"{VLLM_PYTHON} is missing: run scripts/bootstrap_vllm.sh (scripts/test.sh does)")
+    folder = tmp_path / "architecture-only"
+    shutil.copytree(small_vl_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    settings = {"ENGINE": "vllm", "LOAD_FORMAT": "dummy", "MAX_MODEL_LEN": "4096", **VLLM_SETTINGS}
+    with running_server(folder, tmp_path, python=str(VLLM_PYTHON), load_timeout=280, **settings) as server:
+        body = {"messages": messages(), "max_tokens": 6, "ignore_eos": True}
+        answer = httpx.post(f"{server.url}{CHAT}", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 6
+        assert health(server)["engine"] == "vllm"
+    assert "load_format=dummy" in server.log()  # vLLM's own engine configuration line says so
