@@ -19,13 +19,14 @@ from fastapi.staticfiles import StaticFiles
 from backend.engines import EngineClient, create_engine
 from backend.errors import install_error_handlers
 from backend.handlers.chat import ChatCompletionHandler
+from backend.handlers.completions import CompletionHandler
 from backend.handlers.vision import VisionHandler
 from backend.host_guard import HostGuardMiddleware, HostPolicy
 from backend.media import ImageIntake
 from backend.metrics import Metrics
 from backend.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from backend.openapi import install_openapi
-from backend.routes import chat, health, metrics, models, vision
+from backend.routes import chat, completions, health, metrics, models, vision
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     intake = ImageIntake(settings)
     app.state.chat_handler = ChatCompletionHandler(engine, settings, intake)
     app.state.vision_handler = VisionHandler(engine, settings, intake, app.state.chat_handler)
+    app.state.completion_handler = CompletionHandler(engine, settings)
     app.state.metrics = Metrics(settings.model_name, engine)
     engine.add_listener(app.state.metrics.record)
 
@@ -111,6 +113,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(completions.router)
     app.include_router(vision.router)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

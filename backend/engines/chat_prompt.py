@@ -148,6 +148,40 @@ class ChatPromptRenderer:
             image_token_counts=[image_token_count(*image.size) for image in images],
         )
 
+    def raw_prompt(self, prompt: str | list[int]) -> TokenPrompt:
+        """A legacy completion's prompt, as its client wrote it: text tokenised with the control tokens it
+        spells out (the client writes the template itself), or token ids as they are. Text only: an image
+        placeholder without its image is refused, as are ids outside the vocabulary."""
+        if isinstance(prompt, str):
+            if self._max_prompt_tokens is not None and len(prompt) > 8 * self._max_prompt_tokens:
+                raise _too_long(self._max_prompt_tokens, len(prompt) // 8)  # no token is 8 characters on average
+            ids = list(self._tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(prompt)
+            vocabulary_size = len(self._tokenizer)
+            if any(not 0 <= token < vocabulary_size for token in ids):
+                raise InvalidRequestError(
+                    f"The prompt has token ids outside this model's vocabulary (0..{vocabulary_size - 1}).",
+                    param="prompt",
+                    code="invalid_value",
+                )
+        if not ids:
+            raise InvalidRequestError("The prompt is empty.", param="prompt", code="invalid_value")
+        if self.image_token_id is not None and self.image_token_id in ids:
+            raise InvalidRequestError(
+                f"The prompt contains {IMAGE_PLACEHOLDER} without an image; /v1/completions takes text only "
+                "(send images to /v1/chat/completions).",
+                param="prompt",
+                code="invalid_value",
+            )
+        if self._max_prompt_tokens is not None and len(ids) >= self._max_prompt_tokens:
+            raise _too_long(self._max_prompt_tokens, len(ids))
+        return TokenPrompt(token_ids=ids)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as text (an echoed prompt)."""
+        return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
         """Each message text as plain-text token ids (special tokens split into ordinary characters).
 
@@ -173,6 +207,15 @@ class ChatPromptRenderer:
             total += len(ids)
             result.append(ids)
         return result
+
+
+def _too_long(limit: int, counted: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"This model's maximum context length is {limit} tokens, and the prompt has at least {counted}. "
+        "Please reduce the length of the prompt.",
+        param="prompt",
+        code="context_length_exceeded",
+    )
 
 
 def plain_text_tokenizer(tokenizer: Any) -> Tokenizer:

@@ -153,6 +153,14 @@ class EngineClient(abc.ABC):
         `bounds` are the images' pixel bounds (default: the server's MIN_PIXELS / MAX_PIXELS)."""
 
     @abc.abstractmethod
+    async def prepare_raw(self, prompt: str | list[int]) -> PreparedPrompt:
+        """A legacy completion's prompt (text with the control tokens it spells out, or token ids), text only."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as text, control tokens included (to echo a prompt given as ids)."""
+
+    @abc.abstractmethod
     def generate_many(
         self, choices: list[tuple[str, SamplingParams]], prompt: PreparedPrompt
     ) -> list[GenerationStream]:

@@ -114,6 +114,17 @@ class FakeEngine(EngineClient):
         self.prompts.append(prompt)
         return prompt
 
+    async def prepare_raw(self, prompt: str | list[int]) -> FakePrompt:
+        """The prompt's text (ids are shown as characters: one token each)."""
+        self.require_loaded()
+        text = prompt if isinstance(prompt, str) else self.decode(prompt)
+        self.prompts.append(FakePrompt(text))
+        return self.prompts[-1]
+
+    def decode(self, token_ids: list[int]) -> str:
+        """One character per id."""
+        return "".join(chr(token) for token in token_ids)
+
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: FakePrompt) -> list[GenerationStream]:
         """Start one scripted answer per choice, all or none within `max_running`."""
         self.require_loaded()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -13,7 +12,7 @@ from backend.engines import EngineClient
 from backend.engines.events import KEEPALIVE, Finished, GenerationResult, GenerationStream
 from backend.engines.requests import ChatTurn, GenerationDefaults, PreparedPrompt, SamplingParams
 from backend.errors import InvalidRequestError, ModelNotFoundError
-from backend.handlers.streaming import DONE_EVENT, KEEPALIVE_COMMENT, error_event, sse_event
+from backend.handlers.streaming import DONE_EVENT, KEEPALIVE_COMMENT, collect_all, error_event, sse_event
 from backend.media import DecodedImage, ImageInput, ImageIntake
 from backend.media.resize import PixelBounds
 from backend.protocol.chat import (
@@ -198,16 +197,7 @@ class ChatCompletionHandler:
 
     async def generate_all(self, prepared: PreparedChat, log: dict | None = None) -> list[GenerationResult]:
         """Generate every choice to the end (logged); a failure or cancellation stops them all."""
-        streams = self.start(prepared)
-        tasks = [asyncio.ensure_future(stream.collect()) for stream in streams]
-        try:
-            results: list[GenerationResult] = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:  # one choice failed or the client left: stop the others too
-                task.cancel()
-            for stream in streams:  # a task cancelled before it ran never reached its own clean-up
-                stream.cancel()
-            raise
+        results = await collect_all(self.start(prepared))
         self._log(prepared, [result.finish for result in results], log)
         return results
 

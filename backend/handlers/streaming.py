@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from backend.engines.events import GenerationResult, GenerationStream
 from backend.errors import APIError, ClientDisconnected
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,19 @@ async def _wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def collect_all(streams: Sequence[GenerationStream]) -> list[GenerationResult]:
+    """Every stream's whole answer, in order; one failing (or the caller cancelled) stops all the others."""
+    tasks = [asyncio.ensure_future(stream.collect()) for stream in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:  # one choice failed or the client left: stop the others too
+            task.cancel()
+        for stream in streams:  # a task cancelled before it ran never reached its own clean-up
+            stream.cancel()
+        raise
 
 
 def request_log(request: Request) -> dict:

@@ -200,6 +200,24 @@ def test_an_image_costs_the_tokens_we_counted(engine_server, renderer):
     assert health(engine_server)["scheduler"].get("prompt_count_mismatches", 0) == 0
 
 
+def test_legacy_completions_with_the_openai_client(engine_server, small_vl_dir):
+    """/v1/completions: a raw prompt with its control tokens, counted as the tokenizer counts it; streamed
+    and whole alike; several prompts; refused image placeholders."""
+    client = openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0)
+    prompt = "<|im_start|>user\n舌苔黄腻是什么意思？<|im_end|>\n<|im_start|>assistant\n"
+    expected = len(AutoTokenizer.from_pretrained(small_vl_dir)(prompt, add_special_tokens=False)["input_ids"])
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    assert whole.usage.prompt_tokens == expected and whole.usage.completion_tokens == 8
+    assert whole.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+    several = client.completions.create(model="tiny", prompt=[prompt, "中医"], max_tokens=2, n=2, seed=3)
+    assert [choice.index for choice in several.choices] == [0, 1, 2, 3]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="<|image_pad|>", max_tokens=2)
+    assert refused.value.body["code"] == "invalid_value"
+
+
 def test_stream_and_whole_answer_agree_and_stop_strings_cut(engine_server):
     greedy = {"messages": messages(), "max_tokens": 24, "temperature": 0}
     whole = httpx.post(f"{engine_server.url}{CHAT}", json=greedy, timeout=60).json()

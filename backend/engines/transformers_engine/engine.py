@@ -113,6 +113,17 @@ class TransformersEngine(EngineClient):
         bounds = bounds or PixelBounds(self.settings.min_pixels, self.settings.max_pixels)
         return await to_thread.run_sync(self._prompt_builder.build, turns, bounds)
 
+    async def prepare_raw(self, prompt: str | list[int]) -> ModelInputs:
+        """A legacy completion's prompt as the model's input ids (tokenised in a worker thread)."""
+        self.require_loaded()
+        assert self._prompt_builder is not None
+        return await to_thread.run_sync(self._prompt_builder.build_raw, prompt)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as text, control tokens included."""
+        assert self._prompt_builder is not None
+        return self._prompt_builder.renderer.decode(token_ids)
+
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: ModelInputs) -> list[GenerationStream]:
         """Queue one generation per (request id, sampling) on the same prompt, all or none: a 429 leaves
         nothing queued, so no choice runs for a client that was refused."""

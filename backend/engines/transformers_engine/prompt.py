@@ -81,6 +81,10 @@ class PromptBuilder:
             resized_image_sizes=prompt.resized_image_sizes,
         )
 
+    def build_raw(self, prompt: str | list[int]) -> ModelInputs:
+        """A legacy completion's prompt (text only) as input ids."""
+        return ModelInputs(input_ids=torch.tensor([self.renderer.raw_prompt(prompt).token_ids], dtype=torch.long))
+
     def _process_images(self, prompt: TokenPrompt) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch every (already resized) image; a failure names its image."""
         pixel_values, grids = [], []

@@ -198,6 +198,19 @@ class VllmEngine(EngineClient):
         rendered = await to_thread.run_sync(self._renderer.render, turns, bounds)
         return VllmPrompt(**{item.name: getattr(rendered, item.name) for item in fields(rendered)}, bounds=bounds)
 
+    async def prepare_raw(self, prompt: str | list[int]) -> VllmPrompt:
+        """A legacy completion's prompt as token ids (tokenised in a worker thread)."""
+        self.require_loaded()
+        assert self._renderer is not None
+        rendered = await to_thread.run_sync(self._renderer.raw_prompt, prompt)
+        bounds = PixelBounds(self.settings.min_pixels, self.settings.max_pixels)
+        return VllmPrompt(token_ids=rendered.token_ids, bounds=bounds)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as text, control tokens included."""
+        assert self._renderer is not None
+        return self._renderer.decode(token_ids)
+
     def generate_many(self, choices: list[tuple[str, SamplingParams]], prompt: VllmPrompt) -> list[GenerationStream]:
         """Queue one generation per (request id, sampling), all or none: beyond MAX_BATCH_SIZE running and
         MAX_QUEUE waiting, a 429 leaves nothing queued."""
