@@ -153,8 +153,10 @@ class ChatPromptRenderer:
         spells out (the client writes the template itself), or token ids as they are. Text only: an image
         placeholder without its image is refused, as are ids outside the vocabulary."""
         if isinstance(prompt, str):
+            # A bound before tokenising a huge body: text averages 2 to 5 characters a token, so a prompt of
+            # more than 8 characters per token of context cannot fit (the count after tokenising decides).
             if self._max_prompt_tokens is not None and len(prompt) > 8 * self._max_prompt_tokens:
-                raise _too_long(self._max_prompt_tokens, len(prompt) // 8)  # no token is 8 characters on average
+                raise _too_long(self._max_prompt_tokens, None)
             ids = list(self._tokenizer(prompt, add_special_tokens=False)["input_ids"])
         else:
             ids = list(prompt)
@@ -209,9 +211,10 @@ class ChatPromptRenderer:
         return result
 
 
-def _too_long(limit: int, counted: int) -> InvalidRequestError:
+def _too_long(limit: int, counted: int | None) -> InvalidRequestError:
+    size = f"has {counted} tokens" if counted is not None else "is far longer than that"
     return InvalidRequestError(
-        f"This model's maximum context length is {limit} tokens, and the prompt has at least {counted}. "
+        f"This model's maximum context length is {limit} tokens, and the prompt {size}. "
         "Please reduce the length of the prompt.",
         param="prompt",
         code="context_length_exceeded",

@@ -85,6 +85,7 @@ async def test_a_stream_matches_the_whole_answer(client):
         (completion("hi", suffix="x"), "suffix", "unsupported_field"),
         (completion("hi", max_tokens=40000), "max_tokens", "max_tokens_too_large"),
         (completion("舌" * 40000, max_tokens=1), "prompt", "context_length_exceeded"),
+        (completion("舌苔 " * 70000, max_tokens=1), "prompt", "context_length_exceeded"),  # refused untokenised
         (completion(["a"] * 17), "prompt", None),
         (completion("hi", stream_options={"include_usage": True}), "stream_options", "invalid_value"),
         ({"prompt": 5}, "prompt", None),
