@@ -210,7 +210,9 @@ check_gpu() {
   # With tensor parallelism each GPU holds its share of the weights and the cache.
   need_vram=$(((need_vram + TENSOR_PARALLEL_SIZE - 1) / TENSOR_PARALLEL_SIZE))
   command -v nvidia-smi >/dev/null || fail "no GPU: nvidia-smi is not found." "Start the pod with a GPU (A100 80GB for the 32B model)."
-  line="$(nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits | head -n 1)" ||
+  # The first GPU's line, without `| head -n 1`: under pipefail, head closing the pipe early on a
+  # multi-GPU machine can fail nvidia-smi with SIGPIPE.
+  line="$(nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits --id=0)" ||
     fail "nvidia-smi cannot read the GPU." "Restart the pod; if it persists, recreate it on another host."
   IFS=',' read -r name total used <<<"$line"
   free=$(((${total// /} - ${used// /}) / 1024))
@@ -296,7 +298,7 @@ cmd_status() {
   if pid="$(server_pid)"; then say "process: running (pid $pid)"; else say "process: not running"; fi
   say "health: $(health || echo unreachable)"
   if command -v nvidia-smi >/dev/null; then
-    say "GPU memory (MiB used / total): $(nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader,nounits | head -n 1)"
+    say "GPU memory (MiB used / total): $(nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader,nounits --id=0)"
   fi
   say "url: $(public_url)"
 }

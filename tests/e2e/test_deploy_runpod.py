@@ -28,7 +28,9 @@ def fake_nvidia_smi(folder, total_mib: int, used_mib: int = 0, gpus: int = 1):
     tool = folder / "nvidia-smi"
     tool.write_text(
         "#!/usr/bin/env bash\n"
-        f"for i in $(seq 0 {gpus - 1}); do\n"
+        f"count={gpus}\n"
+        'case "$*" in *--id=*) count=1 ;; esac  # --id=N: that one GPU\n'
+        "for i in $(seq 0 $((count - 1))); do\n"
         '  case "$*" in\n'
         f'    *name,memory.total,memory.used*) echo "NVIDIA A100 80GB PCIe, {total_mib}, {used_mib}" ;;\n'
         f'    *memory.used,memory.total*) echo "{used_mib}, {total_mib}" ;;\n'
